@@ -1,0 +1,270 @@
+"""The plan: which source layer lands at each output position, and how each tensor is treated.
+
+Built from a normalized recipe and the source models' headers (already in memory), before a
+single tensor byte is read. Every check that can fail is made here, so errors surface in
+`plan` exactly as they would in `upscale`, never half-way through a 200 GB write.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import archs
+from .errors import RecipeError
+from .recipe import Recipe, lookup_parameter
+from .source import SourceModel, SourceTensor
+
+# GGUF tensor kind -> the HF name mergekit filters see (llama naming; most archs share it)
+HF_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+HF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# Metadata keys that must agree for two models to be stacked (after "{arch}.")
+COMPAT_KEYS = ("embedding_length", "attention.head_count", "attention.head_count_kv",
+               "attention.key_length", "attention.value_length", "rope.dimension_count",
+               "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size", "context_length")
+
+
+def hf_tensor_name(suffix: str, layer: int | None) -> str:
+    """Names a mergekit filter may match: the HF form and the GGUF form, space separated."""
+    base, _, kind = suffix.rpartition(".")  # "attn_output.weight" -> ("attn_output", "weight")
+    if layer is None:
+        hf = f"{HF_GLOBAL.get(base, base)}.{kind}"
+        return f"{hf} {suffix}"
+    hf = f"model.layers.{layer}.{HF_NAMES.get(base, base)}.{kind}"
+    return f"{hf} blk.{layer}.{suffix}"
+
+
+@dataclass(frozen=True)
+class OutputLayer:
+    """Output block `index` is source block `source_layer` of `model`, with per-tensor scales."""
+
+    index: int
+    model: str
+    source_layer: int
+    slice_index: int
+    scales: tuple[tuple[str, float], ...] = ()  # (tensor suffix, factor) for factors != 1
+
+    def scale_of(self, suffix: str) -> float:
+        for s, f in self.scales:
+            if s == suffix:
+                return f
+        return 1.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str
+    arch: str
+    block_count: int
+    n_params: int
+    n_bytes: int
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    arch: str
+    models: dict[str, ModelInfo]
+    layers: list[OutputLayer]
+    embed_model: str  # token_embd and other input-side globals (mergekit: the first slice's model)
+    head_model: str  # output_norm / output (mergekit: the last slice's model)
+    global_scales: dict[str, float] = field(default_factory=dict)  # non-block tensor -> factor
+
+    @property
+    def block_count(self) -> int:
+        return len(self.layers)
+
+    def is_identity(self) -> bool:
+        return (len(self.models) == 1 and all(
+            l.source_layer == l.index and not l.scales for l in self.layers)
+            and len(self.layers) == next(iter(self.models.values())).block_count
+            and not self.global_scales)
+
+    def layer_map(self) -> list[tuple[str, int]]:
+        return [(l.model, l.source_layer) for l in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": self.arch,
+            "block_count": self.block_count,
+            "models": {k: vars(v) for k, v in self.models.items()},
+            "embed_model": self.embed_model,
+            "head_model": self.head_model,
+            "layers": [{"index": l.index, "model": l.model, "source_layer": l.source_layer,
+                        "slice": l.slice_index, "scales": dict(l.scales)} for l in self.layers],
+            "global_scales": self.global_scales,
+        }
+
+
+def global_source(name: str, plan: Plan) -> str:
+    """mergekit's rule: output-side tensors from the last slice's model, the rest from the first's."""
+    return plan.head_model if name.startswith("output") else plan.embed_model
+
+
+def _check_compatible(models: dict[str, SourceModel]) -> None:
+    names = list(models)
+    first = models[names[0]]
+    for other_name in names[1:]:
+        other = models[other_name]
+        where = f"models {names[0]!r} and {other_name!r}"
+        if other.arch != first.arch:
+            raise RecipeError(f"{where} differ in architecture ({first.arch} vs {other.arch})")
+        for key in COMPAT_KEYS:
+            a, b = first.arch_get(key), other.arch_get(key)
+            if a != b:
+                raise RecipeError(f"{where} differ in {first.arch}.{key} ({a} vs {b})")
+        for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre"):
+            if first.get(key) != other.get(key):
+                raise RecipeError(f"{where} use different tokenizers ({key}: {first.get(key)} vs {other.get(key)})")
+        if _digest(first.get("tokenizer.ggml.tokens")) != _digest(other.get("tokenizer.ggml.tokens")):
+            raise RecipeError(f"{where} have different vocabularies (tokenizer.ggml.tokens differ)")
+        a_shapes = {t.suffix: t.shape for t in first.blocks.get(0, {}).values()}
+        b_shapes = {t.suffix: t.shape for t in other.blocks.get(0, {}).values()}
+        if a_shapes != b_shapes:
+            diff = sorted(set(a_shapes.items()) ^ set(b_shapes.items()))
+            raise RecipeError(f"{where} have differently shaped layers (first difference: {diff[0][0]})")
+        for t in ("token_embd.weight", "output.weight"):
+            ta, tb = first.tensors.get(t), other.tensors.get(t)
+            if (ta is None) != (tb is None) or (ta and tb and ta.shape != tb.shape):
+                raise RecipeError(f"{where} differ in {t} (shape or presence)")
+
+
+def _digest(value: Any) -> str | None:
+    if value is None:
+        return None
+    h = hashlib.sha256()
+    for item in value:
+        h.update(str(item).encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _scales_for(recipe: Recipe, slice_idx: int, src_idx: int, tensors: dict[str, SourceTensor],
+                layer: int, t: float, weight_factor: float) -> tuple[tuple[str, float], ...]:
+    out = []
+    for suffix in sorted(tensors):
+        name = hf_tensor_name(suffix, layer)
+        scale = lookup_parameter(recipe, slice_idx, src_idx, "scale", name, t)
+        factor = (1.0 if scale is None else _as_float(scale, "scale")) * weight_factor
+        if factor != 1.0:
+            out.append((suffix, factor))
+    return tuple(out)
+
+
+def _as_float(v: Any, what: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise RecipeError(f"parameter {what} must be a number, got {v!r}")
+    return float(v)
+
+
+def _linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> tuple[int, float]:
+    """A linear slice is a passthrough when exactly one source has a non-zero weight."""
+    s = recipe.slices[si]
+    chosen: set[tuple[int, float]] = set()
+    for j, src in enumerate(s.sources):
+        a, b = src.layer_range
+        model = models[src.model]
+        for layer in range(a, b):
+            t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
+            for suffix in model.blocks.get(layer, {}):
+                name = hf_tensor_name(suffix, layer)
+                weights = []
+                for k in range(len(s.sources)):
+                    w = lookup_parameter(recipe, si, k, "weight", name, t)
+                    if w is None:
+                        raise RecipeError(f"slice {si}: source {s.sources[k].model!r} has no weight "
+                                          "(linear merges need a weight for every source)")
+                    weights.append(_as_float(w, "weight"))
+                nonzero = [k for k, w in enumerate(weights) if w != 0.0]
+                if len(nonzero) != 1:
+                    raise RecipeError(f"slice {si}: {len(nonzero)} sources have a non-zero weight for {name.split()[0]}; "
+                                      "only linear slices with exactly one non-zero source can be done as passthrough")
+                k = nonzero[0]
+                factor = 1.0 if recipe.normalize else weights[k]
+                chosen.add((k, factor))
+        break  # all sources of a slice cover the same number of layers; the first is enough
+    if len(chosen) != 1:
+        raise RecipeError(f"slice {si}: the non-zero source or its weight changes between tensors; "
+                          "that is a real merge, not a passthrough")
+    return chosen.pop()
+
+
+def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
+    """Validate `recipe` against the source headers and lay out the output layers."""
+    for name in recipe.model_names():
+        if name not in models:
+            raise RecipeError(f"recipe names model {name!r}, which was not given (use --model {name}=PATH)")
+    used = {n: models[n] for n in recipe.model_names()}
+    first = next(iter(used.values()))
+    arch = first.arch
+    if archs.lookup(arch) is None:
+        raise RecipeError(archs.refusal(arch))
+    if len(used) > 1:
+        _check_compatible(used)
+
+    layers: list[OutputLayer] = []
+    for si, s in enumerate(recipe.slices):
+        src_idx, weight_factor = (0, 1.0) if recipe.method == "passthrough" else _linear_choice(recipe, si, used)
+        src = s.sources[src_idx]
+        model = used[src.model]
+        n = model.block_count
+        a, b = src.layer_range
+        if (a, b) == (0, -1):  # `models:` form: the whole model
+            a, b = 0, n
+        if b > n:
+            raise RecipeError(f"slice {si} ({src.model}) layer_range [{a}, {b}] is outside the model's "
+                              f"{n} layers (valid: 0 <= start < end <= {n})")
+        for layer in range(a, b):
+            tensors = model.blocks.get(layer)
+            if not tensors:
+                raise RecipeError(f"slice {si}: model {src.model!r} has no tensors for layer {layer} "
+                                  f"although block_count is {n}")
+            t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
+            scales = _scales_for(recipe, si, src_idx, tensors, layer, t, weight_factor)
+            layers.append(OutputLayer(len(layers), src.model, layer, si, scales))
+    if not layers:
+        raise RecipeError("the recipe produces no layers")
+    if len(layers) > 65535:
+        raise RecipeError(f"the recipe produces {len(layers)} layers; llama.cpp cannot load that many")
+
+    plan = Plan(recipe=recipe, arch=arch,
+                models={k: ModelInfo(k, str(m.path), m.arch, m.block_count, m.n_params, m.n_bytes)
+                        for k, m in used.items()},
+                layers=layers,
+                embed_model=recipe.slices[0].sources[0].model,
+                head_model=recipe.slices[-1].sources[0].model)
+    if recipe.method == "linear":  # the chosen source, not necessarily the first listed
+        plan.embed_model = layers[0].model
+        plan.head_model = layers[-1].model
+    _global_scales(plan, used)
+    return plan
+
+
+def _global_scales(plan: Plan, models: dict[str, SourceModel]) -> None:
+    """Scale rules also apply to non-block tensors (mergekit evaluates them for every tensor)."""
+    first, last = plan.layers[0], plan.layers[-1]
+    for name in (t.name for t in models[plan.embed_model].non_block_tensors):
+        head = name.startswith("output")
+        ref = last if head else first
+        src_idx = 0
+        scale = lookup_parameter(plan.recipe, ref.slice_index, src_idx, "scale",
+                                 hf_tensor_name(name, None), 1.0 if head else 0.0)
+        if scale is not None and _as_float(scale, "scale") != 1.0:
+            plan.global_scales[name] = float(scale)

@@ -1,0 +1,114 @@
+"""Human-readable views: the layer-map diagram, plan statistics, and `inspect` summaries."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from .plan import OutputLayer, Plan
+
+# Approximate bits per weight of llama-quantize's mixtures on large llama-shaped models
+# (llama.cpp's quantize README / tools/quantize table); used for size estimates only.
+BPW = {"F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q4_K_M": 4.89,
+       "Q4_K_S": 4.58, "IQ4_XS": 4.25, "Q3_K_M": 3.91, "Q2_K": 3.35, "IQ2_XXS": 2.38}
+KV_CTX = 4096
+
+
+@dataclass
+class PlanStats:
+    block_count: int
+    n_params: int
+    size_as_is: int  # bytes with the source tensor types
+    sizes: dict[str, int]  # quant type -> approximate bytes
+    kv_cache_bytes: int  # F16 K+V at KV_CTX tokens
+    ram: dict[str, int]  # quant type -> approximate bytes to run at KV_CTX
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"block_count": self.block_count, "parameters": self.n_params, "size_bytes_as_is": self.size_as_is,
+                "size_bytes_by_type": self.sizes, "kv_cache_bytes": self.kv_cache_bytes,
+                "context_for_ram": KV_CTX, "ram_bytes_by_type": self.ram}
+
+
+def plan_stats(plan: Plan, n_params: int, size_as_is: int, *, n_head_kv: int, head_dim: int) -> PlanStats:
+    kv = 2 * plan.block_count * KV_CTX * n_head_kv * head_dim * 2
+    sizes = {k: int(n_params * b / 8) for k, b in BPW.items()}
+    overhead = 256 * 1024 * 1024  # compute buffers, roughly
+    ram = {k: v + kv + overhead for k, v in sizes.items()}
+    return PlanStats(plan.block_count, n_params, size_as_is, sizes, kv, ram)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_count(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def runs(layers: list[OutputLayer]) -> list[tuple[int, int, str, int, int, bool]]:
+    """Group output layers into runs of consecutive source layers: (out_a, out_b, model, src_a, src_b, scaled)."""
+    out: list[tuple[int, int, str, int, int, bool]] = []
+    for l in layers:
+        scaled = bool(l.scales)
+        if out:
+            oa, ob, m, sa, sb, sc = out[-1]
+            if m == l.model and sb + 1 == l.source_layer and ob + 1 == l.index and sc == scaled:
+                out[-1] = (oa, l.index, m, sa, l.source_layer, sc)
+                continue
+        out.append((l.index, l.index, l.model, l.source_layer, l.source_layer, scaled))
+    return out
+
+
+def layer_map(plan: Plan, width: int = 60) -> str:
+    """One row per run of output layers, drawn against the source model's layer axis."""
+    lines = []
+    multi = len(plan.models) > 1
+    for name, info in plan.models.items():
+        n = info.block_count
+        scale = width / n
+        axis = [" "] * (width + 1)
+        ticks = sorted({0, n // 4, n // 2, 3 * n // 4, n})
+        tick_line = [" "] * (width + 8)
+        for t in ticks:
+            pos = min(int(t * scale), width)
+            label = str(t)
+            for k, ch in enumerate(label):
+                if pos + k < len(tick_line):
+                    tick_line[pos + k] = ch
+            axis[min(pos, width)] = "|"
+        header = f"{'output layers':>15}  {'source ' + (name if multi else 'layers'):<}"
+        lines.append(header)
+        lines.append(f"{'':>15}  " + "".join(tick_line).rstrip())
+        counts = [0] * n
+        for oa, ob, m, sa, sb, scaled in runs(plan.layers):
+            if m != name:
+                continue
+            a, b = int(sa * scale), max(int((sb + 1) * scale), int(sa * scale) + 1)
+            bar = [" "] * width
+            for k in range(a, min(b, width)):
+                bar[k] = "░" if scaled else "█"
+            note = f"src {sa}-{sb}" + (" (scaled)" if scaled else "")
+            lines.append(f"{oa:>6}-{ob:<6}   " + "".join(bar) + f"  {note}")
+            for j in range(sa, sb + 1):
+                counts[j] += 1
+        cov = "".join(_coverage_char(counts, int(k / scale), int((k + 1) / scale)) for k in range(width))
+        lines.append(f"{'copies':>15}  {cov}  (times each source layer is used)")
+    return "\n".join(lines)
+
+
+def _coverage_char(counts: list[int], a: int, b: int) -> str:
+    seg = counts[a:max(b, a + 1)]
+    c = max(seg) if seg else 0
+    return "·" if c == 0 else (str(c) if c < 10 else "+")
+
+
+def type_counts(types: list[str]) -> dict[str, int]:
+    return dict(sorted(Counter(types).items(), key=lambda kv: -kv[1]))

@@ -1,0 +1,94 @@
+"""Tensor contents: copy, zero or scale a source tensor into a sink, one bounded chunk at a time.
+
+Copies go through the sink's `copy_from` so the kernel can move the bytes (copy_file_range)
+without them ever entering this process. Zero is all-zero bytes, which is 0.0 in every GGML type
+(every block format multiplies by a zero scale). Other scales dequantize, scale and re-quantize
+to the same type, row-chunk by row-chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from .errors import UpscaleError
+from .output import OutTensor
+from .source import TensorReader, row_bytes
+
+CHUNK = 16 * 1024 * 1024
+PLAIN_FLOAT = {Q.F32: np.float32, Q.F16: np.float16}
+# Types whose re-quantization is only defined with an importance matrix: scaling them would need one.
+NEEDS_IMATRIX = {Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M, Q.IQ3_XXS}
+
+
+class Sink(Protocol):
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def copy_from(self, src_fd: int, offset: int, size: int) -> None: ...
+
+
+def check_scalable(t: OutTensor) -> None:
+    """Raise before writing when a non-zero, non-unit scale cannot be applied to this type."""
+    if t.op != "scale":
+        return
+    typ = t.source.ggml_type
+    if typ in PLAIN_FLOAT or typ == Q.BF16:
+        return
+    if typ in NEEDS_IMATRIX:
+        raise UpscaleError(f"{t.name}: scaling a {typ.name} tensor by {t.factor} needs re-quantization with an "
+                           "importance matrix, which is not supported; use scale 0 or 1, or an F16/Q8_0/K-quant source")
+    from . import ggml
+    if not ggml.can_requantize(typ):
+        raise UpscaleError(f"{t.name}: scaling {typ.name} tensors (factor {t.factor}) is not supported yet")
+
+
+def _rows_per_chunk(t: OutTensor) -> int:
+    rb = row_bytes(t.source.ggml_type, t.shape[0])
+    return max(1, CHUNK // max(rb, 1))
+
+
+def scaled_rows(raw: bytearray, typ: Q, n_per_row: int, factor: float) -> bytes:
+    """Dequantize rows of `typ`, multiply by `factor`, store back in `typ`."""
+    if typ in PLAIN_FLOAT:
+        arr = np.frombuffer(raw, dtype=PLAIN_FLOAT[typ]).astype(np.float32)
+        return (arr * np.float32(factor)).astype(PLAIN_FLOAT[typ]).tobytes()
+    if typ == Q.BF16:
+        bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
+        f = bits.view(np.float32) * np.float32(factor)
+        u = f.view(np.uint32)
+        # round to nearest even, keep NaNs quiet, as ggml's fp32_to_bf16 does
+        rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+        nan = np.isnan(f)
+        rounded[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
+        return rounded.tobytes()
+    from . import ggml
+    f32 = ggml.dequantize_rows(typ, np.frombuffer(raw, dtype=np.uint8), n_per_row)
+    f32 = f32.reshape(-1, n_per_row) * np.float32(factor)
+    return bytes(ggml.quantize_tensor(f32, typ, None, n_threads=1))
+
+
+def emit(t: OutTensor, reader: TensorReader, sink: Sink) -> None:
+    """Write the bytes of output tensor `t` into `sink`."""
+    src = t.source
+    if t.op == "copy":
+        sink.copy_from(reader.fd(src.path), src.offset, src.n_bytes)
+        return
+    if t.op == "zero":
+        zeros = bytes(min(CHUNK, src.n_bytes))
+        left = src.n_bytes
+        while left:
+            n = min(left, len(zeros))
+            sink.write(memoryview(zeros)[:n])
+            left -= n
+        return
+    if t.op == "scale":
+        n_per_row = t.shape[0]
+        rb = row_bytes(src.ggml_type, n_per_row)
+        step = _rows_per_chunk(t) * rb
+        for start in range(0, src.n_bytes, step):
+            raw = reader.read(src, start, min(step, src.n_bytes - start))
+            sink.write(scaled_rows(raw, src.ggml_type, n_per_row, t.factor))
+        return
+    raise UpscaleError(f"{t.name}: operation {t.op!r} is not produced by the upscaler writer")
