@@ -35,7 +35,7 @@ HF_NAMES = {
 HF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 # Metadata keys that must agree for two models to be stacked (after "{arch}.")
-COMPAT_KEYS = ("embedding_length", "attention.head_count", "attention.head_count_kv",
+COMPAT_KEYS = ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
                "attention.key_length", "attention.value_length", "rope.dimension_count",
                "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size", "context_length")
 
