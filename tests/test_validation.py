@@ -176,7 +176,7 @@ def test_source_problems(tmp_path: Path) -> None:
     _check(cli("upscale", tmp_path / "missing.gguf", "--slices", "0:1", "-o", out), out, "no such file")
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"NOTGGUF" * 100)
-    _check(cli("upscale", junk, "--slices", "0:1", "-o", out), out, "junk.gguf", "not a readable GGUF")
+    _check(cli("upscale", junk, "--slices", "0:1", "-o", out), out, "junk.gguf", "not a GGUF file")
 
 
 def test_missing_shard(tiny_llama_split: Path, tmp_path: Path) -> None:

@@ -141,7 +141,7 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
     """Write the upscaled GGUF with tensor types unchanged (no re-quantization)."""
     res, p, out = _prepare(source, slices, config, preset, model, name)
     split = parse_size(split_max_size) if split_max_size else 0
-    writer = GGUFOutput(out, p.arch, output, split_max_size=split, force=force, inputs=res.input_paths)
+    writer = GGUFOutput(out, output, split_max_size=split, force=force, inputs=res.input_paths)
     with TensorReader() as reader:
         paths = writer.write(lambda t, sink: emit(t, reader, sink), BarProgress("upscaling"))
     if not quiet:

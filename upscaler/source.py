@@ -1,8 +1,8 @@
 """Source models: a GGUF file or a shard set, opened for metadata and streamed tensor reads.
 
-The header is parsed with gguf-py's GGUFReader; tensor bytes are never touched through its
-memory map (mapped pages would pile up in RSS on a 140 GB model). Instead every read is a
-positioned `pread` into a caller-owned buffer, or an in-kernel `copy_file_range`.
+The header is parsed by `gguf_header` (strict and fast); tensor bytes are never memory-mapped
+(mapped pages would pile up in RSS on a 140 GB model). Instead every read is a positioned
+`pread` into a caller-owned buffer, or an in-kernel `copy_file_range` by the writer.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
 from .errors import SourceError
+from .gguf_header import read_header
 
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -103,26 +104,6 @@ def resolve_model_path(ref: str | Path) -> Path:
     return p
 
 
-def _field_kv(fld) -> KV:
-    vtype = GGUFValueType(fld.types[0])
-    sub = GGUFValueType(fld.types[-1]) if vtype == GGUFValueType.ARRAY else None
-    if vtype == GGUFValueType.ARRAY and len(fld.types) > 2:
-        raise SourceError(f"metadata key {fld.name!r} is a nested array, which is not supported")
-    value = fld.contents()
-    return KV(fld.name, value, vtype, sub)
-
-
-def _open_reader(path: Path) -> GGUFReader:
-    try:
-        return GGUFReader(path, "r")
-    except SourceError:
-        raise
-    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, TypeError) as e:
-        raise SourceError(f"{path}: not a readable GGUF file ({e})") from None
-    except OSError as e:
-        raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
-
-
 class SourceModel:
     """A GGUF model (single file or shard set) with its metadata and tensor index."""
 
@@ -138,29 +119,17 @@ class SourceModel:
     def _read_headers(self) -> None:
         expected_count = len(self.paths)
         for i, p in enumerate(self.paths):
-            r = _open_reader(p)
-            if r.endianess.name != "LITTLE":
-                raise SourceError(f"{p}: big-endian GGUF files are not supported")
-            kvs = {}
-            for key, fld in r.fields.items():
-                if key.startswith("GGUF."):
-                    continue
-                kvs[key] = _field_kv(fld)
+            h = read_header(p)
+            kvs = {kv.key: KV(kv.key, kv.value, kv.vtype, kv.sub_type) for kv in h.kvs}
             if expected_count > 1 or "split.count" in kvs:
                 self._check_shard(p, i, expected_count, kvs)
             if i == 0:
                 self.kvs = {k: v for k, v in kvs.items() if k not in SPLIT_KEYS}
-                self.alignment = int(r.alignment)
-            file_size = p.stat().st_size
-            for t in r.tensors:
-                shape = tuple(int(d) for d in t.shape)
+                self.alignment = h.alignment
+            for t in h.tensors:
                 if t.name in self.tensors:
-                    raise SourceError(f"{p}: tensor {t.name!r} appears twice in the model")
-                if t.data_offset + t.n_bytes > file_size:
-                    raise SourceError(f"{p}: tensor {t.name!r} lies beyond the end of the file (truncated download?)")
-                self.tensors[t.name] = SourceTensor(t.name, GGMLQuantizationType(t.tensor_type), shape,
-                                                    int(t.n_bytes), p, int(t.data_offset))
-            del r
+                    raise SourceError(f"{p}: tensor {t.name!r} also appears in another shard")
+                self.tensors[t.name] = SourceTensor(t.name, t.ggml_type, t.shape, t.n_bytes, p, t.offset)
         if expected_count > 1:
             total = self.kvs_first_split_total
             if total is not None and total != len(self.tensors):

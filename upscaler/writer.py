@@ -1,12 +1,15 @@
 """Streaming GGUF writer: atomic, split-aware, bounded memory. It knows bytes, not recipes.
 
-Header, key/values and tensor infos are serialized by gguf-py's GGUFWriter (which also decides
-the shard layout for --split-max-size and names shards as llama.cpp does). Tensor data is then
-streamed by the caller's `emit` function into a sink, tensor by tensor, padded to the alignment.
+Header, key/values and tensor infos are serialized here (gguf-py's GGUFWriter packs arrays item
+by item, refuses empty arrays and owns its files, none of which suits a streaming, atomic
+writer); shard layout and names follow gguf-split and llama.cpp. Tensor data is streamed by the
+caller's `emit` function into a sink, tensor by tensor, padded to the alignment.
 
 Everything is written into a temporary folder beside the destination and renamed into place
 only when complete, last shard first, so the first shard — the one llama.cpp opens — appears
-last. An interrupted run leaves no output; a killed run leaves only a clearly named
+last. Like cp, gguf-split and llama-quantize, it does not fsync: a killed or interrupted
+process cannot leave a partial file under the final name, a power cut is not covered.
+An interrupted run leaves no output; a killed run leaves only a clearly named
 `.NAME.gguf-upscale-tmp.PID` folder, which the next run removes.
 """
 
@@ -15,15 +18,19 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
-from gguf import GGUFWriter, GGUFValueType
+from gguf import GGUFValueType as T
+from gguf.constants import GGUF_MAGIC
 
 from .errors import OutputError, SourceError
+from .gguf_header import NUMPY_DTYPES, SCALAR_FORMATS
 from .output import OutputModel, OutTensor
+from .source import KV
 
 TMP_MARK = ".gguf-upscale-tmp."
 SPACE_MARGIN = 64 * 1024 * 1024
@@ -154,36 +161,99 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def _pack_string(v: str | bytes) -> bytes:
+    b = v.encode("utf-8") if isinstance(v, str) else v
+    return struct.pack("<Q", len(b)) + b
+
+
+def pack_kv(kv: KV) -> bytes:
+    """Serialize one key/value exactly as typed (arrays keep their element type; empty arrays allowed)."""
+    out = [_pack_string(kv.key), struct.pack("<I", kv.vtype)]
+    if kv.vtype == T.STRING:
+        out.append(_pack_string(kv.value))
+    elif kv.vtype == T.ARRAY:
+        sub = kv.sub_type
+        if sub is None:
+            raise OutputError(f"metadata key {kv.key}: array without an element type")
+        out.append(struct.pack("<IQ", sub, len(kv.value)))
+        if sub == T.STRING:
+            out.extend(_pack_string(v) for v in kv.value)
+        elif sub == T.BOOL:
+            out.append(bytes(1 if v else 0 for v in kv.value))
+        elif sub in NUMPY_DTYPES:
+            out.append(np.asarray(kv.value, dtype=NUMPY_DTYPES[sub]).tobytes())
+        else:
+            raise OutputError(f"metadata key {kv.key}: nested arrays are not supported")
+    elif kv.vtype in SCALAR_FORMATS:
+        fmt, _ = SCALAR_FORMATS[kv.vtype]
+        out.append(struct.pack(fmt, kv.value))
+    else:
+        raise OutputError(f"metadata key {kv.key}: unknown value type {kv.vtype}")
+    return b"".join(out)
+
+
+def _pack_tensor_info(t: OutTensor, offset: int) -> bytes:
+    return (_pack_string(t.name) + struct.pack("<I", len(t.shape))
+            + struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", t.type, offset))
+
+
+def _pad(n: int, align: int) -> int:
+    return -(-n // align) * align
+
+
+def shard_layout(tensors: list[OutTensor], split_max_size: int) -> list[list[OutTensor]]:
+    """gguf-split's rule: start a new shard when the next tensor would push this one over the limit."""
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if split_max_size and shards[-1] and size + t.size > split_max_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.size
+    return shards
+
+
+def shard_names(dest: Path, n: int) -> list[Path]:
+    """llama.cpp's naming: OUT.gguf -> OUT-00001-of-0000N.gguf, ... (unchanged when n == 1)."""
+    if n == 1:
+        return [dest]
+    stem = dest.name[:-5] if dest.name.endswith(".gguf") else dest.name
+    return [dest.with_name(f"{stem}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
 class GGUFOutput:
     """Prepare and write one output model (one file, or shards with --split-max-size)."""
 
-    def __init__(self, model: OutputModel, arch: str, dest: Path, *, split_max_size: int = 0,
+    def __init__(self, model: OutputModel, dest: Path, *, split_max_size: int = 0,
                  force: bool = False, inputs: list[Path] | tuple[Path, ...] = ()) -> None:
         self.model = model
         self.dest = Path(dest)
         self.force = force
         self.inputs = [Path(p) for p in inputs]
-        self._w = GGUFWriter(None, arch, split_max_size=split_max_size)
-        self._by_name = {t.name: t for t in model.tensors}
-        if len(self._by_name) != len(model.tensors):
+        if len({t.name for t in model.tensors}) != len(model.tensors):
             raise OutputError("internal: duplicate output tensor names")
-        self._prepare()
+        self.shards = shard_layout(model.tensors, split_max_size)
+        self.paths = shard_names(self.dest, len(self.shards))
+        self.headers = [self._header(i) for i in range(len(self.shards))]
+        align = model.alignment
+        self.total_bytes = sum(_pad(len(h), align) + sum(_pad(t.size, align) for t in shard)
+                               for h, shard in zip(self.headers, self.shards))
 
-    def _prepare(self) -> None:
-        w = self._w
-        for kv in self.model.kvs:
-            if kv.key == "general.architecture":
-                continue
-            if kv.vtype == GGUFValueType.ARRAY and len(kv.value) == 0:
-                raise OutputError(f"metadata key {kv.key} is an empty array, which gguf-py cannot write")
-            w.add_key_value(kv.key, kv.value, kv.vtype, kv.sub_type)
-        w.data_alignment = self.model.alignment
-        for t in self.model.tensors:
-            w.add_tensor_info(t.name, tuple(reversed(t.shape)), np.dtype(np.float32), t.size, raw_dtype=t.type)
-        self.paths = w.format_shard_names(self.dest)
-        data = sum(GGUFWriter.ggml_pad(t.size, self.model.alignment) for t in self.model.tensors)
-        self.total_bytes = data + len(self.paths) * 4 * 1024 * 1024  # generous header allowance
-
+    def _header(self, i: int) -> bytes:
+        """Header, metadata (all of it in the first shard) and tensor infos of shard i."""
+        n = len(self.shards)
+        kvs = [kv for kv in self.model.kvs if not kv.key.startswith("split.")] if i == 0 else []
+        if n > 1:
+            kvs = kvs + [KV("split.no", i, T.UINT16), KV("split.count", n, T.UINT16),
+                         KV("split.tensors.count", len(self.model.tensors), T.INT32)]
+        parts = [struct.pack("<IIQQ", GGUF_MAGIC, 3, len(self.shards[i]), len(kvs))]
+        parts += [pack_kv(kv) for kv in kvs]
+        offset = 0
+        for t in self.shards[i]:
+            parts.append(_pack_tensor_info(t, offset))
+            offset += _pad(t.size, self.model.alignment)
+        return b"".join(parts)
     def check(self) -> None:
         """Every refusal that needs no writing: inputs, existing files, free space."""
         parent = self.dest.parent
@@ -212,34 +282,26 @@ class GGUFOutput:
         tmpdir = self.dest.parent / f".{self.dest.name}{TMP_MARK}{os.getpid()}"
         shutil.rmtree(tmpdir, ignore_errors=True)
         tmpdir.mkdir()
-        w = self._w
+        align = self.model.alignment
+        tmp_paths = [tmpdir / p.name for p in self.paths]
         try:
-            w.open_output_file(tmpdir / self.dest.name)
-            w.write_header_to_file()
-            w.write_kv_data_to_file()
-            w.write_ti_data_to_file()
-            assert w.fout is not None
             progress.start(sum(t.size for t in self.model.tensors), len(self.model.tensors))
-            for fout, shard in zip(w.fout, w.tensors):
-                w.write_padding(fout, fout.tell())
-                sink = FileSink(fout)
-                for name in shard:
-                    t = self._by_name[name]
-                    before = sink.written
-                    emit(t, sink)
-                    n = sink.written - before
-                    if n != t.size:
-                        raise OutputError(f"internal: {t.name} produced {n} bytes, expected {t.size}")
-                    w.write_padding(fout, n)
-                    progress.advance(t, n)
-                fout.flush()
-                os.fsync(fout.fileno())
-            w.close()
+            for tmp, header, shard in zip(tmp_paths, self.headers, self.shards):
+                with open(tmp, "wb") as f:
+                    f.write(header)
+                    f.write(bytes(_pad(len(header), align) - len(header)))
+                    sink = FileSink(f)
+                    for t in shard:
+                        before = sink.written
+                        emit(t, sink)
+                        n = sink.written - before
+                        if n != t.size:
+                            raise OutputError(f"internal: {t.name} produced {n} bytes, expected {t.size}")
+                        f.write(bytes(_pad(n, align) - n))
+                        progress.advance(t, n)
             progress.finish()
-            tmp_paths = w.format_shard_names(tmpdir / self.dest.name)
             for tmp, final in reversed(list(zip(tmp_paths, self.paths))):
                 os.replace(tmp, final)
-            _fsync_dir(self.dest.parent)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise OutputError(f"{self.dest.parent}: disk full while writing; nothing was left behind") from None
@@ -247,19 +309,7 @@ class GGUFOutput:
                 raise OutputError(f"{self.dest}: file size limit reached while writing; nothing was left behind") from None
             raise OutputError(f"{self.dest}: write failed ({e.strerror or e})") from None
         finally:
-            w.close()
+            progress.finish()
             shutil.rmtree(tmpdir, ignore_errors=True)
         return self.paths
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
