@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import os
 import signal
 import sys
 import traceback
@@ -150,6 +152,192 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
                    f"{human_bytes(out.n_bytes)}")
         for pth in paths:
             typer.echo(f"  {pth}")
+
+
+ThreadsOpt = typer.Option(None, "--threads", "-t", help="Worker threads (default: all cores).")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Per-tensor lines and llama.cpp's own log on stderr.")
+
+
+def _threads(n: Optional[int]) -> int:
+    if n is not None and n < 1:
+        raise UpscaleError("--threads must be at least 1")
+    return n or os.cpu_count() or 1
+
+
+def _tensor_logger(verbose: bool):
+    from . import llama_log
+    llama_log.install(verbose=verbose)
+    if verbose:
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+        return lambda line: _echo_err(line)
+    return None
+
+
+def _quant_summary(stats, model_in_bytes: int, paths: list[Path], qtype_name: str) -> None:
+    typer.echo(f"{qtype_name}: {human_bytes(model_in_bytes)} -> {human_bytes(stats.bytes_out)}; "
+               f"{stats.quantized} tensors quantized, {stats.copied} copied unchanged, "
+               f"{stats.reused} reused from an identical earlier tensor ({stats.seconds_quantizing:.1f} s quantizing)")
+    for pth in paths:
+        typer.echo(f"  {pth}")
+
+
+@command
+def quantize(input: str = typer.Argument(..., metavar="IN.gguf", help="A GGUF file or any shard of a set."),
+             output: Path = typer.Option(..., "-o", "--output", help="Output GGUF path."),
+             type_: str = typer.Option("Q4_K_M", "--type", help="llama-quantize type name (case-insensitive)."),
+             imatrix: Optional[str] = typer.Option(None, "--imatrix", help="Importance matrix (legacy .dat or GGUF) matching IN's tensor names."),
+             threads: Optional[int] = ThreadsOpt,
+             split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split output into shards of at most this size (K/M/G)."),
+             force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+             verbose: bool = VerboseOpt) -> None:
+    """Re-quantize a GGUF with llama.cpp's kernels: the same types and bytes llama-quantize writes."""
+    from .pipeline import (check_imatrix_coverage, load_imatrix_option, requantize_warning, whole_model,
+                           write_quantized)
+    from .quant_types import parse_quant_type
+    from .quantizer import assign_types
+    qtype = parse_quant_type(type_)
+    log = _tensor_logger(verbose)
+    model = SourceModel(input)
+    warn = requantize_warning([model])
+    if warn:
+        _warn([warn])
+    im = load_imatrix_option(imatrix) if imatrix else None
+    if qtype.needs_imatrix and im is None:
+        raise UpscaleError(f"{qtype.name} needs an importance matrix: pass --imatrix FILE")
+    out = assign_types(whole_model(model), qtype, imatrix_kvs=im.kvs() if im else None, has_imatrix=im is not None)
+    entries = im.entries if im else {}
+    check_imatrix_coverage(out, qtype, entries)
+    paths, stats = write_quantized(out, output, inputs=list(model.paths), entries=entries, n_threads=_threads(threads),
+                                   split_max_size=parse_size(split_max_size) if split_max_size else 0, force=force,
+                                   progress=BarProgress("quantizing"), log=log)
+    _quant_summary(stats, model.n_bytes, paths, qtype.name)
+
+
+@command
+def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, config: Optional[str] = ConfigOpt,
+        preset: Optional[str] = PresetOpt, model: Optional[list[str]] = ModelOpt,
+        output: Path = typer.Option(..., "-o", "--output", help="Output GGUF path."),
+        type_: str = typer.Option("Q4_K_M", "--type", help="llama-quantize type name (case-insensitive)."),
+        mixture: str = typer.Option("target", "--mixture",
+                                    help="target: exactly llama.cpp's types for the upscaled model; "
+                                         "source: each layer keeps its source layer's types (copies identical)."),
+        imatrix: Optional[list[str]] = typer.Option(None, "--imatrix",
+                                                    help="The SOURCE's importance matrix (FILE, or NAME=FILE per model); mapped to the new layers."),
+        threads: Optional[int] = ThreadsOpt,
+        split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split output into shards of at most this size (K/M/G)."),
+        name: Optional[str] = typer.Option(None, "--name", help="general.name of the output."),
+        force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+        no_smoke: bool = typer.Option(False, "--no-smoke", help="Skip the smoke test."),
+        verbose: bool = VerboseOpt) -> None:
+    """One pass: upscale, quantize each distinct tensor once (copies reuse the bytes), smoke-test."""
+    from .pipeline import (check_imatrix_coverage, parse_imatrix_options, requantize_warning,
+                           source_imatrix_lookup, write_quantized)
+    from .quant_types import parse_quant_type
+    from .quantizer import assign_types
+    if mixture not in ("target", "source"):
+        raise UpscaleError(f"--mixture must be target or source, got {mixture!r}")
+    qtype = parse_quant_type(type_)
+    log = _tensor_logger(verbose)
+    res, p, out = _prepare(source, slices, config, preset, model, name)
+    warn = requantize_warning(list(res.models.values()))
+    if warn:
+        _warn([warn])
+    ims = parse_imatrix_options(imatrix, list(p.models))
+    if qtype.needs_imatrix and not ims:
+        raise UpscaleError(f"{qtype.name} needs an importance matrix: pass --imatrix FILE (computed on the source)")
+    first_im = next(iter(ims.values()), None)
+    qout = assign_types(out, qtype, imatrix_kvs=first_im.kvs() if first_im else None, has_imatrix=bool(ims),
+                        mode=mixture, plan=p, models=res.models)  # type: ignore[arg-type]
+    entries = source_imatrix_lookup(qout, p, ims)
+    check_imatrix_coverage(qout, qtype, entries)
+    paths, stats = write_quantized(qout, output, inputs=res.input_paths, entries=entries, n_threads=_threads(threads),
+                                   split_max_size=parse_size(split_max_size) if split_max_size else 0, force=force,
+                                   progress=BarProgress("upscale+quantize"), log=log)
+    typer.echo(f"wrote {p.block_count} layers ({mixture} mixture)")
+    _quant_summary(stats, sum(t.source.n_bytes for t in out.tensors), paths, qtype.name)
+    if no_smoke:
+        return
+    from .smoke import run_smoke
+    ref = res.models[p.embed_model].path
+    try:
+        rep = run_smoke(paths[0], reference=ref, n_threads=_threads(threads))
+    except UpscaleError as e:
+        raise UpscaleError(f"the output was written but failed its smoke test: {e}") from None
+    _print_smoke(rep)
+
+
+def _print_smoke(rep) -> None:
+    d = rep.to_dict()
+    typer.echo(f"smoke: loaded, perplexity {d['perplexity']:.2f}"
+               + (f" (reference {d['reference_perplexity']:.2f}), KL {d['kl_divergence']:.4f} nats, "
+                  f"top-1 agreement {d['top1_agreement']:.1%}" if d.get("reference_perplexity") is not None else ""))
+    typer.echo(f"smoke: generated {d['text']!r}")
+
+
+@command
+def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", help="A GGUF file or the first shard of a set."),
+          reference: Optional[str] = typer.Option(None, "--reference", help="Compare next-token distributions with this model (e.g. the source)."),
+          text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file for perplexity (default: a built-in English/Japanese text)."),
+          prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for greedy generation."),
+          chat: bool = typer.Option(False, "--chat", help="Send the prompt through the model's own chat template."),
+          n_predict: int = typer.Option(32, "--n-predict", help="Tokens to generate."),
+          ctx: int = typer.Option(512, "--ctx", help="Context window for scoring."),
+          min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Fail when top-1 agreement with --reference is lower (0..1)."),
+          threads: Optional[int] = ThreadsOpt,
+          as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
+          verbose: bool = VerboseOpt) -> None:
+    """Prove a model works: it loads, generates, and scores text; optionally against a reference."""
+    from .smoke import run_smoke
+    _tensor_logger(verbose)
+    if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
+        raise UpscaleError("--min-agreement must be between 0 and 1")
+    if min_agreement is not None and reference is None:
+        raise UpscaleError("--min-agreement needs --reference")
+    body = None
+    if text is not None:
+        try:
+            body = text.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UpscaleError(f"{text}: cannot read as UTF-8 text ({e})") from None
+    rep = run_smoke(model_file, reference=reference, text=body, prompt=prompt, chat=chat, n_predict=n_predict,
+                    n_ctx=ctx, n_threads=_threads(threads), min_agreement=min_agreement)
+    if as_json:
+        typer.echo(json.dumps(rep.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        _print_smoke(rep)
+
+
+@command
+def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", help="The source's imatrix (FILE, or NAME=FILE per model of the recipe)."),
+            source: Optional[str] = typer.Option(None, "--source", help="The source GGUF the imatrix was computed on."),
+            slices: Optional[str] = SlicesOpt, config: Optional[str] = ConfigOpt, preset: Optional[str] = PresetOpt,
+            model: Optional[list[str]] = ModelOpt,
+            output: Path = typer.Option(..., "-o", "--output", help="Output imatrix (same format as the input)."),
+            force: bool = typer.Option(False, "--force", help="Overwrite an existing output.")) -> None:
+    """Carry an importance matrix over to the upscaled layer numbering (copies for duplicated layers)."""
+    from .imatrix import remap_imatrix, save_imatrix
+    from .pipeline import parse_imatrix_options
+    res = resolve(source, slices=slices, config=config, preset=preset, model_opts=model)
+    _warn(res.recipe.warnings)
+    p = build_plan(res.recipe, res.models)
+    ims = parse_imatrix_options(imatrix_file, list(p.models))
+    missing = [n for n in p.models if n not in ims]
+    if missing:
+        raise UpscaleError(f"no importance matrix for model {missing[0]!r}; give {missing[0]}=FILE")
+    if output.exists() and not force:
+        raise UpscaleError(f"{output}: already exists (use --force to overwrite)")
+    for im in ims.values():
+        if Path(im.path).resolve() == output.resolve():
+            raise UpscaleError(f"{output}: output would overwrite one of its inputs")
+    fmt = next(iter(ims.values())).data.format
+    if (fmt == "gguf") != (output.suffix == ".gguf"):
+        raise UpscaleError(f"{output}: the input imatrix is in {'GGUF' if fmt == 'gguf' else 'legacy .dat'} format "
+                           "and the output keeps it; name the output accordingly")
+    head = {"output": p.head_model, "output_norm": p.head_model, "token_embd": p.embed_model}
+    data = remap_imatrix({k: v.data for k, v in ims.items()}, p.layer_map(), non_block_model=head)
+    save_imatrix(data, output)
+    typer.echo(f"wrote {output}: {len(data.entries)} entries for {p.block_count} layers "
+               f"(from {sum(len(v.data.entries) for v in ims.values())} source entries)")
 
 
 @command

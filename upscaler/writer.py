@@ -58,9 +58,14 @@ class _NoProgress:
 class FileSink:
     """Where `emit` puts a tensor's bytes: buffered writes, or an in-kernel copy from a source fd."""
 
-    def __init__(self, f) -> None:
+    def __init__(self, f, path: Path) -> None:
         self.f = f
+        self.path = path
         self.written = 0
+
+    def position(self) -> int:
+        """Absolute offset in `path` where the next byte lands (for reusing bytes already written)."""
+        return self.f.tell()
 
     def write(self, data) -> None:
         self.f.write(data)
@@ -290,7 +295,7 @@ class GGUFOutput:
                 with open(tmp, "wb") as f:
                     f.write(header)
                     f.write(bytes(_pad(len(header), align) - len(header)))
-                    sink = FileSink(f)
+                    sink = FileSink(f, tmp)
                     for t in shard:
                         before = sink.written
                         emit(t, sink)

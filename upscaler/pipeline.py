@@ -1,0 +1,124 @@
+"""Glue for the commands that quantize: imatrix options, the quantized write, its summary.
+
+Kept apart from cli.py so the CLI only parses options and prints, and so scripts (bench, demo)
+can drive the same steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from .errors import ImatrixError, QuantizeError
+from .imatrix import ImatrixData, imatrix_metadata, load_imatrix, quantize_entries
+from .output import OutputModel, OutTensor
+from .plan import Plan, global_source
+from .quant_types import QuantType
+from .quantizer import QuantEmitter, QuantStats
+from .source import KV, SourceModel, TensorReader
+from .writer import GGUFOutput, Progress
+
+# llama-quant.cpp tensor_requires_imatrix: these targets are garbage without an importance matrix
+_NEEDS_IMATRIX = {Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S}
+_FTYPE_Q2_K_S = 21
+
+
+@dataclass
+class LoadedImatrix:
+    path: str
+    data: ImatrixData
+    entries: dict[str, np.ndarray]
+
+    def kvs(self) -> list[KV]:
+        return [KV(k, v, t) for k, (t, v) in imatrix_metadata(self.data, self.path).items()]
+
+
+def load_imatrix_option(path: str) -> LoadedImatrix:
+    data = load_imatrix(path)
+    return LoadedImatrix(path, data, quantize_entries(data))
+
+
+def parse_imatrix_options(items: list[str] | None, model_names: list[str]) -> dict[str, LoadedImatrix]:
+    """`--imatrix FILE` (one model) or `--imatrix NAME=FILE` per model."""
+    out: dict[str, LoadedImatrix] = {}
+    for item in items or []:
+        name, eq, path = item.partition("=")
+        if not eq or Path(item).exists():
+            if len(model_names) != 1:
+                raise ImatrixError(f"--imatrix {item}: the recipe has {len(model_names)} models; "
+                                   "give one imatrix per model as --imatrix NAME=FILE")
+            name, path = model_names[0], item
+        if name not in model_names:
+            raise ImatrixError(f"--imatrix {item}: no model named {name!r} in the recipe ({', '.join(model_names)})")
+        out[name] = load_imatrix_option(path)
+    return out
+
+
+def source_imatrix_lookup(out: OutputModel, plan: Plan, per_model: dict[str, LoadedImatrix]) -> dict[str, np.ndarray]:
+    """Output tensor name -> the source model's imatrix row (no copies: duplicated layers share arrays)."""
+    if not per_model:
+        return {}
+    missing = [n for n in plan.models if n not in per_model]
+    if missing:
+        raise ImatrixError(f"no importance matrix for model {missing[0]!r}; give --imatrix {missing[0]}=FILE")
+    by_layer = {l.index: l for l in plan.layers}
+    table: dict[str, np.ndarray] = {}
+    for t in out.tensors:
+        if t.name.startswith("blk."):
+            model = by_layer[int(t.name.split(".")[1])].model
+        else:
+            model = global_source(t.name, plan)
+        row = per_model[model].entries.get(t.source.name)
+        if row is not None:
+            table[t.name] = row
+    return table
+
+
+def check_imatrix_coverage(out: OutputModel, qtype: QuantType, entries: dict[str, np.ndarray]) -> None:
+    """Refuse up front, naming the tensor, where llama.cpp would bail out mid-file."""
+    for t in out.tensors:
+        if t.type == t.source.ggml_type and t.factor == 1.0:
+            continue
+        if t.name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+            continue
+        needs = t.type in _NEEDS_IMATRIX or (t.type == Q.Q2_K and qtype.ftype == _FTYPE_Q2_K_S)
+        if needs and t.name not in entries:
+            hint = ("an importance matrix (--imatrix FILE)" if not entries else
+                    "an importance matrix entry for it: the imatrix does not cover this tensor "
+                    "(was it computed on the source? `gguf-upscale imatrix` carries it over to the upscaled numbering)")
+            raise QuantizeError(f"{qtype.name} makes {t.name} {t.type.name}, which needs {hint}")
+
+
+def write_quantized(model: OutputModel, dest: Path, *, inputs: list[Path], entries: dict[str, np.ndarray],
+                    n_threads: int, split_max_size: int, force: bool, progress: Progress | None,
+                    log: Callable[[str], None] | None) -> tuple[list[Path], QuantStats]:
+    writer = GGUFOutput(model, dest, split_max_size=split_max_size, force=force, inputs=inputs)
+    with TensorReader() as reader:
+        emitter = QuantEmitter(reader, imatrix=entries, n_threads=n_threads, log=log)
+        emitter.total = len(model.tensors)
+        try:
+            paths = writer.write(emitter, progress)
+        finally:
+            emitter.close()
+    return paths, emitter.stats
+
+
+def requantize_warning(models: list[SourceModel]) -> str | None:
+    """llama.cpp needs --allow-requantize for these; we allow it and say what it costs."""
+    for m in models:
+        quantized = sorted({t.ggml_type.name for t in m.tensors.values()
+                            if len(t.shape) >= 2 and t.ggml_type not in (Q.F32, Q.F16, Q.BF16)})
+        if quantized:
+            return (f"{m.path.name} is already quantized ({', '.join(quantized)}); re-quantizing compounds the errors. "
+                    "Tensors already in their target type are copied, not re-quantized")
+    return None
+
+
+def whole_model(m: SourceModel) -> OutputModel:
+    """A model as an output model unchanged (what `quantize` starts from)."""
+    return OutputModel(kvs=list(m.kvs.values()), tensors=[OutTensor(t.name, t) for t in m.tensors.values()],
+                       alignment=m.alignment)

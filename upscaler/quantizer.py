@@ -1,0 +1,187 @@
+"""Re-quantization as a streaming step of the writer: llama.cpp's decisions, llama.cpp's kernels.
+
+`assign_types` turns an output model into a quantized one: every tensor gets the type that
+llama.cpp's quantizer would give it (asked of llama.cpp itself, `llama_quant.target_types`), the
+tensors are put in the quantizer's own order and the metadata gets the keys it sets, so the file
+is the one `llama-quantize` would write. `QuantEmitter` then produces each tensor's bytes in
+bounded row chunks with ggml's kernels, and computes each distinct (source tensor, scale, type)
+once: a duplicated layer is copied from the first copy already in the output file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Literal
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFValueType as T
+
+from . import ggml
+from .errors import QuantizeError
+from .llama_quant import Mixture, llama_tensor_order, target_types, tensor_nbytes
+from .output import OutputModel, OutTensor
+from .plan import Plan, global_source
+from .quant_types import QuantType
+from .source import KV, SourceModel, TensorReader, row_bytes
+from .tensor_data import scaled_rows
+
+GGML_QNT_VERSION = 2
+F32_CHUNK_BYTES = 64 * 1024 * 1024  # float32 rows converted at a time (llama.cpp uses one slab per tensor)
+
+MixtureMode = Literal["target", "source"]
+
+
+def _info(t: OutTensor) -> SimpleNamespace:
+    return SimpleNamespace(name=t.name, shape=t.shape, ggml_type=int(t.source.ggml_type))
+
+
+def _source_mixture_types(out: OutputModel, plan: Plan, models: dict[str, SourceModel], qtype: QuantType,
+                          imatrix: bool, mixture: Mixture | None) -> dict[str, int]:
+    """Each output tensor gets the type its source tensor gets when its own model is quantized."""
+    per_model = {name: target_types(list(m.tensors.values()), m.kvs.values(), qtype, imatrix=imatrix, mixture=mixture)
+                 for name, m in models.items() if name in plan.models}
+    by_layer = {l.index: l for l in plan.layers}
+    types: dict[str, int] = {}
+    for t in out.tensors:
+        if t.name.startswith("blk."):
+            layer = by_layer[int(t.name.split(".")[1])]
+            types[t.name] = per_model[layer.model][t.source.name]
+        else:
+            types[t.name] = per_model[global_source(t.name, plan)][t.name]
+    return types
+
+
+def assign_types(out: OutputModel, qtype: QuantType, *, imatrix_kvs: list[KV] | None = None, has_imatrix: bool = False,
+                 mode: MixtureMode = "target", plan: Plan | None = None, models: dict[str, SourceModel] | None = None,
+                 mixture: Mixture | None = None) -> OutputModel:
+    """The quantized output model: types, llama.cpp's tensor order and the metadata it writes."""
+    if qtype.only_copy:
+        raise QuantizeError("--type COPY does not quantize; use `upscale` to copy tensors unchanged")
+    if mode == "target":
+        types = target_types([_info(t) for t in out.tensors], out.kvs, qtype, imatrix=has_imatrix, mixture=mixture)
+    else:
+        if plan is None or models is None:
+            raise QuantizeError("--mixture source needs an upscale plan")
+        types = _source_mixture_types(out, plan, models, qtype, has_imatrix, mixture)
+    by_name = {t.name: t for t in out.tensors}
+    tensors = []
+    for name in llama_tensor_order(by_name):
+        t = by_name[name]
+        typ = Q(types[name])
+        tensors.append(replace(t, ggml_type=typ, n_bytes=tensor_nbytes(int(typ), t.shape)))
+    # llama.cpp copies the metadata, then *re-sets* these keys, which moves them to the end
+    kvs = [kv for kv in out.kvs if kv.key not in ("general.quantization_version", "general.file_type")]
+    kvs += [KV("general.quantization_version", GGML_QNT_VERSION, T.UINT32), KV("general.file_type", qtype.ftype, T.UINT32)]
+    for kv in imatrix_kvs or []:
+        kvs = [k for k in kvs if k.key != kv.key] + [kv]
+    return replace(out, tensors=tensors, kvs=kvs)
+
+
+@dataclass
+class QuantStats:
+    quantized: int = 0
+    copied: int = 0
+    reused: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds_quantizing: float = 0.0
+    lines: list[str] = field(default_factory=list)
+
+
+class QuantEmitter:
+    """Produces output tensor bytes for the writer: copy, or dequantize -> scale -> quantize, once per content."""
+
+    def __init__(self, reader: TensorReader, *, imatrix: dict[str, np.ndarray] | None, n_threads: int,
+                 imatrix_names: Callable[[OutTensor], str] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self.reader = reader
+        self.imatrix = imatrix or {}
+        self.n_threads = max(1, n_threads)
+        self.imatrix_name = imatrix_names or (lambda t: t.name)
+        self.log = log
+        self.stats = QuantStats()
+        self._first: dict[tuple, tuple[Path, int, str]] = {}
+        self._fds: dict[Path, int] = {}
+        self._index = 0
+        self.total = 0
+
+    def __call__(self, t: OutTensor, sink) -> None:
+        self._index += 1
+        src = t.source
+        key = t.content_key
+        first = self._first.get(key)
+        how: str
+        if first is not None:
+            path, offset, first_name = first
+            sink.copy_from(self._fd(path), offset, t.size)
+            self.stats.reused += 1
+            how = f"same as {first_name}"
+        else:
+            start = sink.position()
+            if t.type == src.ggml_type and t.factor == 1.0:
+                sink.copy_from(self.reader.fd(src.path), src.offset, src.n_bytes)
+                self.stats.copied += 1
+                how = "copied"
+            else:
+                t0 = time.perf_counter()
+                for chunk in self._quantized_chunks(t):
+                    sink.write(chunk)
+                self.stats.seconds_quantizing += time.perf_counter() - t0
+                self.stats.quantized += 1
+                how = f"quantized to {t.type.name}"
+            self._first[key] = (sink.path, start, t.name)
+        self.stats.bytes_in += src.n_bytes
+        self.stats.bytes_out += t.size
+        if self.log is not None:
+            self.log(f"[{self._index:4d}/{self.total:4d}] {t.name:<36} {src.ggml_type.name:>6} -> {t.type.name:<6} "
+                     f"{src.n_bytes / 2**20:9.2f} MiB -> {t.size / 2**20:9.2f} MiB  {how}")
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _quantized_chunks(self, t: OutTensor):
+        """Rows of `t` in its target type, a bounded slab at a time (quantization is per row, so
+        slabs give the same bytes as a whole-tensor pass)."""
+        src = t.source
+        n_per_row = t.shape[0]
+        rows_per_mat = t.shape[1] if len(t.shape) > 1 else 1
+        n_rows = src.n_elements // n_per_row
+        if not ggml.can_dequantize(int(src.ggml_type)):
+            raise QuantizeError(f"{t.name}: cannot convert {src.ggml_type.name} tensors")
+        im = self.imatrix.get(self.imatrix_name(t))
+        if im is not None:
+            n_mat = n_rows // rows_per_mat
+            if im.size != n_per_row * n_mat:
+                raise QuantizeError(f"{t.name}: importance matrix has {im.size} values, the tensor needs "
+                                    f"{n_per_row * n_mat}")
+            im = im.reshape(n_mat, n_per_row)
+        src_row = row_bytes(src.ggml_type, n_per_row)
+        step = max(1, F32_CHUNK_BYTES // (n_per_row * 4))
+        step = min(step, rows_per_mat)  # never cross an expert matrix (its imatrix row differs)
+        r = 0
+        while r < n_rows:
+            mat = r // rows_per_mat
+            n = min(step, (mat + 1) * rows_per_mat - r)
+            raw = self.reader.read(src, r * src_row, n * src_row)
+            # the two-step path stores the scaled tensor in its own type first (zero as zero bytes)
+            if t.factor == 0.0:
+                raw = bytearray(len(raw))
+            elif t.factor != 1.0:
+                raw = bytearray(scaled_rows(raw, src.ggml_type, n_per_row, t.factor))
+            f32 = ggml.dequantize_rows(int(src.ggml_type), np.frombuffer(raw, np.uint8), n_per_row)
+            row_im = im[mat] if im is not None else None
+            yield ggml.quantize_tensor(f32, int(t.type), row_im, n_threads=self.n_threads)
+            r += n
