@@ -180,7 +180,82 @@ def bench_upscale(work: Path, size_gb: float) -> dict:
     }
 
 
-BENCHES = {"upscale": bench_upscale}
+LLAMA_QUANTIZE = """
+import sys, llama_cpp
+from upscaler.quant_types import parse_quant_type
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = parse_quant_type(sys.argv[3]).ftype
+p.nthread = int(sys.argv[4])
+llama_cpp.llama_log_set(llama_cpp.llama_log_callback(lambda *a: None), None)
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
+"""
+
+
+def llama_quantize_cmd(src: Path, dst: Path, qtype: str, threads: int) -> list[str]:
+    """llama.cpp's own quantize driver (what `llama-quantize` runs), in a child process."""
+    return [sys.executable, "-c", LLAMA_QUANTIZE, str(src), str(dst), qtype, str(threads)]
+
+
+def quant_source(work: Path) -> Path:
+    """~1 GB F16 llama (n_embd 2048, 8 layers, 32k vocab): the source for the quantize and run benchmarks."""
+    return synthetic_model(work / "quant-src-8L-F16.gguf", n_layer=8, n_embd=2048, n_ff=5632, n_vocab=32000,
+                           n_head=16, n_head_kv=4)
+
+
+def bench_quantize(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
+    src = quant_source(work)
+    ours, ref = work / "ours.gguf", work / "ref.gguf"
+
+    def ours_run() -> Measure:
+        ours.unlink(missing_ok=True)
+        return run_measured(cli("quantize", src, "-o", ours, "--type", qtype, "--threads", threads))
+
+    def ref_run() -> Measure:
+        ref.unlink(missing_ok=True)
+        return run_measured(llama_quantize_cmd(src, ref, qtype, threads))
+
+    ref_m, ours_m = interleaved(2, ref_run, ours_run)
+    identical = ours.read_bytes() == ref.read_bytes()
+    ours.unlink(missing_ok=True)
+    ref.unlink(missing_ok=True)
+    ratio = ours_m.seconds / ref_m.seconds
+    return {"source_bytes": src.stat().st_size, "type": qtype, "threads": threads,
+            "gguf_upscale_quantize_s": round(ours_m.seconds, 2), "llama_cpp_quantize_s": round(ref_m.seconds, 2),
+            "ours_over_llama_cpp": round(ratio, 3), "target_ratio": 1.0,
+            "ours_peak_rss_mb": round(ours_m.max_rss / 1e6, 1), "llama_cpp_peak_rss_mb": round(ref_m.max_rss / 1e6, 1),
+            "byte_identical": identical, "ok": identical and ratio <= 1.0}
+
+
+def bench_run(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
+    src = quant_source(work)
+    up, two, one = work / "two-step-F16.gguf", work / "two-step.gguf", work / "one-shot.gguf"
+
+    def two_step() -> Measure:
+        for p in (up, two):
+            p.unlink(missing_ok=True)
+        a = run_measured(cli("upscale", src, "--preset", "overlap-halves", "-o", up, "-q"))
+        b = run_measured(llama_quantize_cmd(up, two, qtype, threads))
+        return Measure(a.seconds + b.seconds, max(a.max_rss, b.max_rss))
+
+    def one_shot() -> Measure:
+        one.unlink(missing_ok=True)
+        return run_measured(cli("run", src, "--preset", "overlap-halves", "-o", one, "--type", qtype,
+                                "--threads", threads, "--no-smoke"))
+
+    two_m, one_m = interleaved(2, two_step, one_shot)
+    identical = one.read_bytes() == two.read_bytes()
+    for p in (up, two, one):
+        p.unlink(missing_ok=True)
+    ratio = one_m.seconds / two_m.seconds
+    return {"source_bytes": src.stat().st_size, "plan": "overlap-halves (8 -> 12 layers)", "type": qtype,
+            "threads": threads, "one_shot_s": round(one_m.seconds, 2), "two_step_s": round(two_m.seconds, 2),
+            "one_shot_over_two_step": round(ratio, 3), "target_ratio": 0.75,
+            "one_shot_peak_rss_mb": round(one_m.max_rss / 1e6, 1), "two_step_peak_rss_mb": round(two_m.max_rss / 1e6, 1),
+            "target_rss_mb": 1000, "byte_identical": identical,
+            "ok": identical and ratio <= 0.75 and one_m.max_rss <= 1e9}
+
+
+BENCHES = {"upscale": bench_upscale, "quantize": bench_quantize, "run": bench_run}
 
 
 def main() -> int:
@@ -188,6 +263,7 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of: " + ", ".join(BENCHES))
     ap.add_argument("--size-gb", type=float, default=4.0, help="size of the synthetic F16 source for `upscale`")
     ap.add_argument("--dir", type=Path, default=ROOT / "out" / "bench")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads for both quantizers")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic models for the next run")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -196,7 +272,7 @@ def main() -> int:
         for name in args.only.split(","):
             fn = BENCHES[name.strip()]
             print(f"== {name}", flush=True)
-            res = fn(args.dir, args.size_gb) if name == "upscale" else fn(args.dir)
+            res = fn(args.dir, args.size_gb) if name == "upscale" else fn(args.dir, threads=args.threads)
             results[name] = res
             for k, v in res.items():
                 print(f"  {k:<28} {v}")

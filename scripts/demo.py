@@ -55,13 +55,15 @@ def main() -> int:
          "--preset", args.preset, "-o", one, "--type", "Q4_K_M", "--force")
 
     def mb(p: Path) -> str:
-        return f"{sum(f.stat().st_size for f in p.parent.glob(p.stem + '*.gguf')) / 1e6:.1f} MB"
+        files = [p] if p.exists() else sorted(p.parent.glob(f"{p.stem}-*-of-*.gguf"))
+        return f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
 
     print("\n== report")
     print(f"  source          {args.source.name}: {mb(args.source)}")
     print(f"  upscaled        {up.name}: {mb(up)}")
     print(f"  Q4_K_M          {q4.name}: {mb(q4)}")
-    print(f"  one-shot Q4_K_M {one.name}: {mb(one)}")
+    print(f"  one-shot Q4_K_M {one.name}: {mb(one)}"
+          + (" (byte-identical to the two-step file)" if one.read_bytes() == q4.read_bytes() else " (DIFFERS from the two-step file)"))
     print(f"  perplexity      {report['perplexity']:.2f} (source {report['reference_perplexity']:.2f})")
     print(f"  KL divergence   {report['kl_divergence']:.4f} nats/token, top-1 agreement {report['top1_agreement']:.1%}")
     print(f"  generated       {report['text']!r}")
