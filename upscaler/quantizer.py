@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +32,8 @@ from .source import KV, SourceModel, TensorReader, row_bytes
 from .tensor_data import scaled_rows
 
 GGML_QNT_VERSION = 2
-F32_CHUNK_BYTES = 64 * 1024 * 1024  # float32 rows converted at a time (llama.cpp uses one slab per tensor)
+F32_CHUNK_BYTES = 64 * 1024 * 1024  # rows read and converted per slab (as float32); bounds memory
+BLOCK_F32_BYTES = 1024 * 1024  # rows per worker job: their floats stay in the core's cache
 
 MixtureMode = Literal["target", "source"]
 
@@ -109,6 +111,7 @@ class QuantEmitter:
         self._fds: dict[Path, int] = {}
         self._index = 0
         self.total = 0
+        self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 else None
 
     def __call__(self, t: OutTensor, sink) -> None:
         self._index += 1
@@ -148,6 +151,9 @@ class QuantEmitter:
         return fd
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -168,20 +174,45 @@ class QuantEmitter:
                 raise QuantizeError(f"{t.name}: importance matrix has {im.size} values, the tensor needs "
                                     f"{n_per_row * n_mat}")
             im = im.reshape(n_mat, n_per_row)
-        src_row = row_bytes(src.ggml_type, n_per_row)
         step = max(1, F32_CHUNK_BYTES // (n_per_row * 4))
         step = min(step, rows_per_mat)  # never cross an expert matrix (its imatrix row differs)
         r = 0
         while r < n_rows:
             mat = r // rows_per_mat
             n = min(step, (mat + 1) * rows_per_mat - r)
-            raw = self.reader.read(src, r * src_row, n * src_row)
-            # the two-step path stores the scaled tensor in its own type first (zero as zero bytes)
-            if t.factor == 0.0:
-                raw = bytearray(len(raw))
-            elif t.factor != 1.0:
-                raw = bytearray(scaled_rows(raw, src.ggml_type, n_per_row, t.factor))
-            f32 = ggml.dequantize_rows(int(src.ggml_type), np.frombuffer(raw, np.uint8), n_per_row)
-            row_im = im[mat] if im is not None else None
-            yield ggml.quantize_tensor(f32, int(t.type), row_im, n_threads=self.n_threads)
+            yield self._convert(t, r, n, im[mat] if im is not None else None)
             r += n
+
+    def _convert(self, t: OutTensor, first_row: int, n_rows: int, im: np.ndarray | None) -> np.ndarray:
+        """Rows [first_row, first_row + n_rows) of `t` in its target type.
+
+        Each worker job reads its own block of rows, dequantizes and quantizes it, so reading,
+        converting and quantizing all run in parallel and a block's floats stay in the core's
+        cache (llama.cpp reads a slab, then dequantizes it, then quantizes it, in turn)."""
+        src = t.source
+        src_type, dst_type, n_per_row = src.ggml_type, int(t.type), t.shape[0]
+        src_row, dst_row = row_bytes(src_type, n_per_row), ggml.row_size(dst_type, n_per_row)
+        out = np.empty(n_rows * dst_row, np.uint8)
+        block = max(1, BLOCK_F32_BYTES // (n_per_row * 4))
+        self.reader.fd(src.path)  # open it here, not racing in the workers
+
+        def job(r0: int) -> None:
+            n = min(block, n_rows - r0)
+            # the two-step path stores a scaled tensor in its own type first (zero as zero bytes)
+            if t.factor == 0.0:
+                raw = bytearray(n * src_row)
+            else:
+                raw = self.reader.read(src, (first_row + r0) * src_row, n * src_row)
+                if t.factor != 1.0:
+                    raw = bytearray(scaled_rows(raw, src_type, n_per_row, t.factor))
+            f32 = ggml.dequantize_rows(int(src_type), np.frombuffer(raw, np.uint8), n_per_row)
+            ggml.quantize_rows(dst_type, f32, im, out=out[r0 * dst_row:(r0 + n) * dst_row])
+
+        starts = range(0, n_rows, block)
+        if self._pool is None or len(starts) == 1:
+            for r0 in starts:
+                job(r0)
+        else:
+            for _ in self._pool.map(job, starts):
+                pass
+        return out
