@@ -20,7 +20,8 @@ from .metadata import recorded_lineage
 from .output import build_output
 from .plan import build_plan
 from .progress import BarProgress
-from .report import human_bytes, human_count, layer_map, plan_stats, runs, type_counts
+from .report import (COMPUTE_OVERHEAD, PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs,
+                     type_counts)
 from .resolve import resolve
 from .source import SourceModel, TensorReader
 from .tensor_data import check_scalable, emit
@@ -109,7 +110,9 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
     n_embd = int(first.arch_get("embedding_length") or 0)
     head_dim = int(first.arch_get("attention.key_length") or (n_embd // max(n_head, 1)))
     n_params = sum(t.source.n_elements for t in out.tensors)
-    stats = plan_stats(p, n_params, out.n_bytes, n_head_kv=n_head_kv, head_dim=head_dim)
+    from .quantizer import quantized_size
+    sizes = {t: quantized_size(out, t) for t in PLAN_TYPES}
+    stats = plan_stats(p, n_params, out.n_bytes, sizes, n_head_kv=n_head_kv, head_dim=head_dim)
     if as_json:
         doc = {"plan": p.to_dict(), "stats": stats.to_dict(), "recipe": p.recipe.to_yaml(),
                "warnings": res.recipe.warnings + out.warnings}
@@ -125,8 +128,8 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
     typer.echo(f"output: {p.block_count} layers ({scaled} with scaled tensors), {human_count(n_params)} parameters, "
                f"size label {out.kv('general.size_label').value}")
     typer.echo(f"size with the source's tensor types: {human_bytes(out.n_bytes)}")
-    typer.echo("approximate size and RAM to run (weights + F16 KV cache at "
-               f"{stats.to_dict()['context_for_ram']} tokens):")
+    typer.echo("size as llama.cpp would quantize it, and RAM to run it (weights + F16 KV cache at "
+               f"{stats.to_dict()['context_for_ram']} tokens + ~{human_bytes(COMPUTE_OVERHEAD)} compute buffers):")
     for t, size in stats.sizes.items():
         typer.echo(f"  {t:<8} {human_bytes(size):>10}   RAM ~{human_bytes(stats.ram[t])}")
 

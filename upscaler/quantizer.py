@@ -84,6 +84,14 @@ def assign_types(out: OutputModel, qtype: QuantType, *, imatrix_kvs: list[KV] | 
     return replace(out, tensors=tensors, kvs=kvs)
 
 
+def quantized_size(out: OutputModel, type_name: str) -> int:
+    """Exact tensor bytes of `out` quantized to `type_name` (llama.cpp's own per-tensor choices)."""
+    from .quant_types import parse_quant_type
+    qtype = parse_quant_type(type_name)
+    types = target_types([_info(t) for t in out.tensors], out.kvs, qtype)
+    return sum(tensor_nbytes(types[t.name], t.shape) for t in out.tensors)
+
+
 @dataclass
 class QuantStats:
     quantized: int = 0

@@ -8,11 +8,10 @@ from typing import Any
 
 from .plan import OutputLayer, Plan
 
-# Approximate bits per weight of llama-quantize's mixtures on large llama-shaped models
-# (llama.cpp's quantize README / tools/quantize table); used for size estimates only.
-BPW = {"F16": 16.0, "Q8_0": 8.5, "Q6_K": 6.56, "Q5_K_M": 5.69, "Q4_K_M": 4.89,
-       "Q4_K_S": 4.58, "IQ4_XS": 4.25, "Q3_K_M": 3.91, "Q2_K": 3.35, "IQ2_XXS": 2.38}
+# The quant types `plan` sizes exactly (llama.cpp decides each tensor's type in a dry run).
+PLAN_TYPES = ("F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")
 KV_CTX = 4096
+COMPUTE_OVERHEAD = 256 * 1024 * 1024  # llama.cpp's compute buffers at this context, roughly
 
 
 @dataclass
@@ -30,11 +29,11 @@ class PlanStats:
                 "context_for_ram": KV_CTX, "ram_bytes_by_type": self.ram}
 
 
-def plan_stats(plan: Plan, n_params: int, size_as_is: int, *, n_head_kv: int, head_dim: int) -> PlanStats:
+def plan_stats(plan: Plan, n_params: int, size_as_is: int, sizes: dict[str, int], *, n_head_kv: int,
+               head_dim: int) -> PlanStats:
+    """`sizes`: exact output bytes per quant type; RAM adds an F16 KV cache at KV_CTX tokens."""
     kv = 2 * plan.block_count * KV_CTX * n_head_kv * head_dim * 2
-    sizes = {k: int(n_params * b / 8) for k, b in BPW.items()}
-    overhead = 256 * 1024 * 1024  # compute buffers, roughly
-    ram = {k: v + kv + overhead for k, v in sizes.items()}
+    ram = {k: v + kv + COMPUTE_OVERHEAD for k, v in sizes.items()}
     return PlanStats(plan.block_count, n_params, size_as_is, sizes, kv, ram)
 
 
