@@ -184,3 +184,12 @@ def test_smoke_refuses_garbage(tmp_path: Path) -> None:
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"GGUF" + bytes(100))
     assert_one_line_error(cli("smoke", junk))
+
+
+def test_plan_sizes_are_exact(tiny_llama: Path, tmp_path: Path) -> None:
+    doc = json.loads(cli("plan", tiny_llama, "--slices", "0:3,1:4", "--json", check=True).stdout)
+    sizes = doc["stats"]["size_bytes_by_type"]
+    out = tmp_path / "q.gguf"
+    cli("run", tiny_llama, "--slices", "0:3,1:4", "-o", out, "--type", "Q4_K_M", "--no-smoke", check=True)
+    assert sizes["Q4_K_M"] == SourceModel(out).n_bytes
+    assert doc["plan"]["block_count"] == 6 and doc["stats"]["parameters"] > 0
