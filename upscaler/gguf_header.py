@@ -2,19 +2,26 @@
 
 Why not gguf-py's GGUFReader: it builds numpy views for every field (seconds for a 150k-token
 vocabulary) and trusts the lengths it reads. Here every length and count is checked against
-the bytes actually left in the file before anything is allocated, and every rule llama.cpp's
-gguf.cpp enforces (known types, contiguous aligned offsets, unique names) is enforced with a
-one-line error naming the file, so a truncated download or a crafted file can neither crash
-nor hang the tool. Type names and block sizes come from gguf-py's constants.
+the bytes actually left in the file, and against a fixed cap, before anything is allocated, and
+every rule llama.cpp's gguf.cpp enforces (known types, tensor names under 64 bytes, contiguous
+aligned offsets, unique names and keys) is enforced with a one-line error naming the file, so a
+truncated download or a crafted file can neither crash nor hang the tool, nor make it allocate
+in proportion to a size it merely claims. Type names and block sizes come from gguf-py's
+constants.
+
+`check_key_types` adds the same guarantee one level up: the metadata keys gguf-upscale itself
+interprets (architecture, block count, split keys, recorded lineage, ...) must have the types it
+and llama.cpp expect, so nothing downstream ever does arithmetic on a string.
 """
 
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
@@ -22,8 +29,20 @@ from gguf.constants import GGML_QUANT_SIZES, GGUF_MAGIC
 
 from .errors import SourceError
 
-MAX_DIMS = 4
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NAME_BYTES = 63  # GGML_MAX_NAME - 1: llama.cpp refuses longer tensor names
 MAX_KEY_BYTES = 65536
+# Fixed caps far above anything a real model holds (the largest vocabularies have ~260k tokens,
+# the longest metadata strings are embedded tokenizer.json files of a few tens of MB). They bound
+# what a header that lies about its sizes can make us allocate, and how long it can keep us busy,
+# even in a 200 GB file whose size would satisfy the lie.
+MAX_STRING_BYTES = 256 * 1024 * 1024
+MAX_HEADER_BYTES = 512 * 1024 * 1024  # metadata + tensor infos; real headers are under 100 MB
+MAX_ARRAY_ITEMS = 1 << 22  # per array
+MAX_TOTAL_ITEMS = 1 << 23  # all arrays together: bounds the Python objects a header becomes
+MAX_KVS = 1 << 16
+MAX_TENSORS = 1 << 20
+MAX_ALIGNMENT = 1 << 24
 DEFAULT_ALIGNMENT = 32
 
 SCALAR_FORMATS = {
@@ -40,7 +59,16 @@ NUMPY_DTYPES = {
     GGUFValueType.FLOAT32: "<f4", GGUFValueType.UINT64: "<u8", GGUFValueType.INT64: "<i8",
     GGUFValueType.FLOAT64: "<f8",
 }
+INT_TYPES = frozenset({GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+                       GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64})
 _KNOWN_TYPES = {int(t) for t in GGMLQuantizationType}
+_U64 = struct.Struct("<Q").unpack_from
+
+
+def _q(name: str | bytes) -> str:
+    """A key or tensor name for an error message: quoted, escaped, and short (they can be 64 KB of junk)."""
+    r = repr(name)
+    return r if len(r) <= 90 else r[:80] + "..." + r[-1]
 
 
 @dataclass(frozen=True)
@@ -77,6 +105,8 @@ class _Cursor:
         self.buf = buf
         self.pos = 0
         self.size = len(buf)
+        self.limit = min(self.size, MAX_HEADER_BYTES)  # no header read goes past this
+        self.items = 0  # array items read so far
         self.path = path
 
     def fail(self, msg: str) -> SourceError:
@@ -86,6 +116,8 @@ class _Cursor:
         if n < 0 or self.pos + n > self.size:
             raise self.fail(f"truncated or corrupt header: {what} needs {n} bytes at offset {self.pos}, "
                             f"file has {self.size}")
+        if self.pos + n > self.limit:
+            raise self.fail(f"header runs past {MAX_HEADER_BYTES >> 20} MiB at {what} (corrupt header?)")
 
     def scalar(self, fmt: str, n: int, what: str) -> Any:
         self.need(n, what)
@@ -99,55 +131,84 @@ class _Cursor:
     def u64(self, what: str) -> int:
         return self.scalar("<Q", 8, what)
 
-    def raw_string(self, what: str, limit: int | None = None) -> bytes:
+    def raw_string(self, what: str, limit: int = MAX_STRING_BYTES) -> bytes:
         n = self.u64(f"{what} length")
-        if limit is not None and n > limit:
-            raise self.fail(f"{what} is {n} bytes long, over the limit of {limit}")
+        if n > limit:
+            raise self.fail(f"{what} claims to be {n} bytes long, over the limit of {limit} (corrupt header?)")
         self.need(n, what)
-        b = bytes(self.buf[self.pos:self.pos + n])
+        b = self.buf[self.pos:self.pos + n]
         self.pos += n
         return b
 
-    def string(self, what: str, limit: int | None = None) -> str | bytes:
+    def string(self, what: str, limit: int = MAX_STRING_BYTES) -> str | bytes:
         b = self.raw_string(what, limit)
         try:
             return b.decode("utf-8")
         except UnicodeDecodeError:
             return b  # kept as bytes so it is written back exactly
 
+    def strings(self, count: int, key: str) -> list[str | bytes]:
+        """`count` strings in a row (a vocabulary): the hot loop of header parsing, kept tight."""
+        buf, pos, limit = self.buf, self.pos, self.limit
+        out: list[str | bytes] = []
+        append = out.append
+        for i in range(count):
+            if pos + 8 > limit:
+                self.pos = pos
+                self.need(8, f"length of item {i} of {_q(key)}")
+            n = _U64(buf, pos)[0]
+            pos += 8
+            if n > MAX_STRING_BYTES or pos + n > limit:
+                self.pos = pos - 8
+                self.raw_string(f"item {i} of {_q(key)}")  # raises the precise error
+            b = buf[pos:pos + n]
+            pos += n
+            try:
+                append(b.decode("utf-8"))
+            except UnicodeDecodeError:
+                append(b)
+        self.pos = pos
+        return out
+
 
 def _value_type(cur: _Cursor, raw: int, key: str) -> GGUFValueType:
     try:
         return GGUFValueType(raw)
     except ValueError:
-        raise cur.fail(f"metadata key {key!r} has unknown value type {raw}") from None
+        raise cur.fail(f"metadata key {_q(key)} has unknown value type {raw}") from None
 
 
 def _read_value(cur: _Cursor, vtype: GGUFValueType, key: str) -> tuple[Any, GGUFValueType | None]:
     if vtype in SCALAR_FORMATS:
         fmt, n = SCALAR_FORMATS[vtype]
-        return cur.scalar(fmt, n, f"value of {key!r}"), None
+        return cur.scalar(fmt, n, f"value of {_q(key)}"), None
     if vtype == GGUFValueType.STRING:
-        return cur.string(f"value of {key!r}"), None
+        return cur.string(f"value of {_q(key)}"), None
     if vtype != GGUFValueType.ARRAY:
-        raise cur.fail(f"metadata key {key!r} has unsupported value type {vtype}")
-    sub = _value_type(cur, cur.u32(f"array type of {key!r}"), key)
-    count = cur.u64(f"array length of {key!r}")
+        raise cur.fail(f"metadata key {_q(key)} has unsupported value type {vtype.name}")
+    sub = _value_type(cur, cur.u32(f"array type of {_q(key)}"), key)
+    count = cur.u64(f"array length of {_q(key)}")
+    if sub == GGUFValueType.ARRAY:
+        raise cur.fail(f"metadata key {_q(key)} is an array of arrays, which llama.cpp does not support")
+    if count > MAX_ARRAY_ITEMS:
+        raise cur.fail(f"metadata key {_q(key)} claims {count} array items, over the limit of {MAX_ARRAY_ITEMS} "
+                       "(corrupt header?)")
+    if cur.items + count > MAX_TOTAL_ITEMS:
+        raise cur.fail(f"metadata key {_q(key)} brings the header's array items to {cur.items + count}, "
+                       f"over the limit of {MAX_TOTAL_ITEMS} (corrupt header?)")
+    cur.items += count
     if sub in SCALAR_FORMATS:
         _, n = SCALAR_FORMATS[sub]
-        cur.need(count * n, f"array {key!r} of {count} items")
+        cur.need(count * n, f"array {_q(key)} of {count} items")
         if sub == GGUFValueType.BOOL:
-            arr = np.frombuffer(cur.buf, dtype=np.uint8, count=count, offset=cur.pos)
-            value: Any = [bool(x) for x in arr]
+            value: Any = [x != 0 for x in cur.buf[cur.pos:cur.pos + count]]
         else:
             value = np.frombuffer(cur.buf, dtype=NUMPY_DTYPES[sub], count=count, offset=cur.pos).tolist()
         cur.pos += count * n
         return value, sub
-    if sub == GGUFValueType.STRING:
-        # every string takes at least its 8-byte length: a claimed count beyond that is corrupt
-        cur.need(count * 8, f"array {key!r} of {count} strings")
-        return [cur.string(f"item {i} of {key!r}") for i in range(count)], sub
-    raise cur.fail(f"metadata key {key!r} is an array of {sub.name}, which is not supported")
+    # STRING: every item takes at least its 8-byte length, so a claimed count beyond that is corrupt
+    cur.need(count * 8, f"array {_q(key)} of {count} strings")
+    return cur.strings(count, key), sub
 
 
 def read_header(path: Path) -> Header:
@@ -156,13 +217,16 @@ def read_header(path: Path) -> Header:
         with open(path, "rb") as f:
             size = f.seek(0, 2)
             if size < 24:
-                raise SourceError(f"{path}: {size} bytes is too short to be a GGUF file")
+                raise SourceError(f"{path}: {size} bytes is too short to be a GGUF file"
+                                  + (" (empty download?)" if size == 0 else ""))
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
                 return _parse(_Cursor(buf, path))
     except IsADirectoryError:
         raise SourceError(f"{path}: is a folder, not a GGUF file") from None
     except OSError as e:
         raise SourceError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # mmap of something that is not a regular file
+        raise SourceError(f"{path}: cannot read ({e})") from None
 
 
 def _parse(cur: _Cursor) -> Header:
@@ -171,25 +235,28 @@ def _parse(cur: _Cursor) -> Header:
         raise cur.fail("not a GGUF file (bad magic); is it a safetensors or an HTML error page?")
     version = cur.u32("version")
     if version not in (2, 3):
-        if version & 0xFFFF == 0 and version >> 16 in (2, 3):
+        if version & 0xFFFF == 0 and version >> 24 in (2, 3):
             raise cur.fail("big-endian GGUF files are not supported")
         raise cur.fail(f"GGUF version {version} is not supported (2 and 3 are)")
     n_tensors = cur.u64("tensor count")
     n_kv = cur.u64("metadata count")
     # each KV takes at least 8 (key len) + 4 (type) + 1 bytes; each tensor info at least 8+4+8+4+8
-    if n_kv * 13 > cur.size or n_tensors * 32 > cur.size:
-        raise cur.fail(f"header claims {n_kv} metadata keys and {n_tensors} tensors, more than the file can hold")
+    if n_kv > MAX_KVS or n_tensors > MAX_TENSORS or n_kv * 13 + n_tensors * 32 > cur.size:
+        raise cur.fail(f"header claims {n_kv} metadata keys and {n_tensors} tensors, more than the file can hold "
+                       "(corrupt header?)")
 
     kvs: list[RawKV] = []
     seen: set[str] = set()
     for i in range(n_kv):
         key = cur.string(f"metadata key #{i}", MAX_KEY_BYTES)
         if isinstance(key, bytes):
-            raise cur.fail(f"metadata key #{i} is not valid UTF-8")
+            raise cur.fail(f"metadata key #{i} is not valid UTF-8: {_q(key)}")
+        if not key:
+            raise cur.fail(f"metadata key #{i} is empty")
         if key in seen:
-            raise cur.fail(f"metadata key {key!r} appears twice")
+            raise cur.fail(f"metadata key {_q(key)} appears twice")
         seen.add(key)
-        vtype = _value_type(cur, cur.u32(f"type of {key!r}"), key)
+        vtype = _value_type(cur, cur.u32(f"type of {_q(key)}"), key)
         value, sub = _read_value(cur, vtype, key)
         kvs.append(RawKV(key, value, vtype, sub))
 
@@ -197,7 +264,9 @@ def _parse(cur: _Cursor) -> Header:
     for kv in kvs:
         if kv.key == "general.alignment":
             if kv.vtype != GGUFValueType.UINT32 or kv.value == 0 or kv.value & (kv.value - 1):
-                raise cur.fail(f"general.alignment must be a power of two (UINT32), got {kv.value!r}")
+                raise cur.fail(f"general.alignment must be a power of two (UINT32), got {_describe(kv)}")
+            if kv.value > MAX_ALIGNMENT:
+                raise cur.fail(f"general.alignment {kv.value} is over the limit of {MAX_ALIGNMENT}")
             alignment = kv.value
 
     infos: list[tuple[str, tuple[int, ...], GGMLQuantizationType, int]] = []
@@ -205,18 +274,23 @@ def _parse(cur: _Cursor) -> Header:
     for i in range(n_tensors):
         name = cur.string(f"tensor name #{i}", MAX_KEY_BYTES)
         if isinstance(name, bytes):
-            raise cur.fail(f"tensor name #{i} is not valid UTF-8")
+            raise cur.fail(f"tensor name #{i} is not valid UTF-8: {_q(name)}")
+        if not name:
+            raise cur.fail(f"tensor #{i} has an empty name")
+        if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+            raise cur.fail(f"tensor name #{i} {_q(name)} is over {MAX_NAME_BYTES} bytes, "
+                           "which llama.cpp does not allow")
         if name in names:
-            raise cur.fail(f"tensor {name!r} appears twice")
+            raise cur.fail(f"tensor {_q(name)} appears twice")
         names.add(name)
-        n_dims = cur.u32(f"dimension count of {name!r}")
+        n_dims = cur.u32(f"dimension count of {_q(name)}")
         if not 1 <= n_dims <= MAX_DIMS:
-            raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-        shape = tuple(cur.u64(f"dimension of {name!r}") for _ in range(n_dims))
-        raw_type = cur.u32(f"type of {name!r}")
+            raise cur.fail(f"tensor {_q(name)} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        shape = tuple(cur.u64(f"dimension of {_q(name)}") for _ in range(n_dims))
+        raw_type = cur.u32(f"type of {_q(name)}")
         if raw_type not in _KNOWN_TYPES or GGMLQuantizationType(raw_type) not in GGML_QUANT_SIZES:
-            raise cur.fail(f"tensor {name!r} has unknown type {raw_type}")
-        offset = cur.u64(f"offset of {name!r}")
+            raise cur.fail(f"tensor {_q(name)} has unknown type {raw_type}")
+        offset = cur.u64(f"offset of {_q(name)}")
         infos.append((name, shape, GGMLQuantizationType(raw_type), offset))
 
     data_offset = -(-cur.pos // alignment) * alignment
@@ -226,19 +300,86 @@ def _parse(cur: _Cursor) -> Header:
         n_elems = 1
         for d in shape:
             if d <= 0:
-                raise cur.fail(f"tensor {name!r} has an empty or negative dimension {shape}")
+                raise cur.fail(f"tensor {_q(name)} has an empty or negative dimension {shape}")
             n_elems *= d
             if n_elems > cur.size * 64:
-                raise cur.fail(f"tensor {name!r} claims {shape} elements, far more than the file holds")
+                raise cur.fail(f"tensor {_q(name)} claims {shape} elements, far more than the file holds")
         block, type_size = GGML_QUANT_SIZES[typ]
         if shape[0] % block:
-            raise cur.fail(f"tensor {name!r}: row length {shape[0]} is not a multiple of {typ.name}'s block size {block}")
+            raise cur.fail(f"tensor {_q(name)}: row length {shape[0]} is not a multiple of {typ.name}'s block size {block}")
         n_bytes = n_elems // block * type_size
         if offset != expected:
-            raise cur.fail(f"tensor {name!r} data is at offset {offset}, expected {expected} "
+            raise cur.fail(f"tensor {_q(name)} data is at offset {offset}, expected {expected} "
                            "(llama.cpp requires contiguous, aligned tensor data)")
         if data_offset + offset + n_bytes > cur.size:
-            raise cur.fail(f"tensor {name!r} lies beyond the end of the file (truncated download?)")
+            raise cur.fail(f"tensor {_q(name)} lies beyond the end of the file (truncated download?)")
         tensors.append(RawTensorInfo(name, shape, typ, data_offset + offset, n_bytes))
         expected = offset + -(-n_bytes // alignment) * alignment
     return Header(version, kvs, tensors, alignment, data_offset, cur.size)
+
+
+# -- the keys gguf-upscale interprets ----------------------------------------------------------
+
+MAX_BASE_MODELS = 1024
+
+# key (regex; "{arch}" is the file's architecture) -> what its value must be:
+#   "string": a UTF-8 STRING; "count": an integer >= 0; "counts": an array of integers >= 0;
+#   "count|counts": either; "strings": an array of UTF-8 STRINGs; "array": any array.
+KEY_RULES: tuple[tuple[str, str], ...] = (
+    (r"general\.architecture", "string"),
+    (r"split\.(no|count|tensors\.count)", "count"),
+    (r"{arch}\.(block_count|embedding_length|attention\.key_length)", "count"),
+    (r"{arch}\.attention\.head_count(_kv)?", "count|counts"),
+    (r"general\.base_model\.count", "count"),
+    (r"general\.base_model\.\d+\.name", "string"),
+    (r"general\.tags", "array"),
+    (r"upscale\.layer_source_(model|index)", "counts"),
+    (r"upscale\.source_block_counts", "counts"),
+    (r"upscale\.source_(models|files)", "strings"),
+)
+
+
+def _value_ok(kv: RawKV, rule: str) -> bool:
+    if "|" in rule:
+        return any(_value_ok(kv, r) for r in rule.split("|"))
+    if rule == "string":
+        return kv.vtype == GGUFValueType.STRING and isinstance(kv.value, str)
+    if rule == "count":
+        return kv.vtype in INT_TYPES and kv.value >= 0
+    if kv.vtype != GGUFValueType.ARRAY:
+        return False
+    if rule == "counts":
+        return kv.sub_type in INT_TYPES and all(v >= 0 for v in kv.value)
+    if rule == "strings":
+        return kv.sub_type == GGUFValueType.STRING and all(isinstance(v, str) for v in kv.value)
+    return rule == "array"
+
+
+_RULE_TEXT = {"string": "a UTF-8 string", "count": "a non-negative integer", "counts": "an array of non-negative integers",
+              "count|counts": "a non-negative integer or an array of them", "strings": "an array of UTF-8 strings",
+              "array": "an array"}
+
+
+def _describe(kv: RawKV) -> str:
+    if kv.vtype == GGUFValueType.ARRAY:
+        return f"an array of {kv.sub_type.name if kv.sub_type is not None else '?'}"
+    shown = repr(kv.value)
+    return f"{kv.vtype.name} {shown[:60] + '...' if len(shown) > 60 else shown}"
+
+
+def check_key_types(path: Path, kvs: Iterable[RawKV]) -> None:
+    """Refuse, naming the key, any metadata gguf-upscale interprets whose type or value it cannot use."""
+    kvs = list(kvs)
+    arch_kv = next((kv for kv in kvs if kv.key == "general.architecture"), None)
+    arch = re.escape(arch_kv.value) if arch_kv is not None and isinstance(arch_kv.value, str) else None
+    rules = [(re.compile(p.replace("{arch}", arch or "(?!)")), r) for p, r in KEY_RULES]
+    for kv in kvs:
+        for pattern, rule in rules:
+            if pattern.fullmatch(kv.key):
+                if not _value_ok(kv, rule):
+                    raise SourceError(f"{path}: metadata {kv.key} must be {_RULE_TEXT[rule]}, got {_describe(kv)}")
+                break
+    for kv in kvs:
+        if kv.key == "general.base_model.count" and kv.value > min(MAX_BASE_MODELS, len(kvs)):
+            raise SourceError(f"{path}: metadata general.base_model.count is {kv.value}, more than the file "
+                              "describes (corrupt header?)")

@@ -53,6 +53,17 @@ class SliceSource(_Model):
             return v["model"]["path"]
         return v
 
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        return _check_model_name(v)
+
+
+def _check_model_name(v: str) -> str:
+    if not v or len(v) > 4096 or not v.isprintable():
+        raise ValueError(f"model {_short(v, 60)} is not a usable model name or path")
+    return v
+
 
 class Slice(_Model):
     sources: list[SliceSource] = Field(min_length=1)
@@ -63,6 +74,11 @@ class Slice(_Model):
 class ModelEntry(_Model):
     model: str
     parameters: dict[str, ParamValue] | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, v: str) -> str:
+        return _check_model_name(v)
 
 
 class MergeConfig(_Model):
@@ -98,93 +114,179 @@ class Recipe(BaseModel):
         return seen
 
     def to_yaml(self) -> str:
-        """The recipe as a mergekit passthrough YAML (what we record in the output file)."""
+        """The recipe as mergekit YAML (what we record in the output file and the model card).
+
+        Plain YAML a person can read and mergekit can load: no anchors/aliases (values shared by
+        several slices are written out each time), layer ranges in flow style.
+        """
         doc: dict[str, Any] = {"merge_method": self.method, "slices": []}
         for s in self.slices:
             sd: dict[str, Any] = {"sources": []}
             for src in s.sources:
-                d: dict[str, Any] = {"model": src.model, "layer_range": list(src.layer_range)}
+                d: dict[str, Any] = {"model": src.model, "layer_range": _Flow(src.layer_range)}
                 if src.parameters:
                     d["parameters"] = src.parameters
                 sd["sources"].append(d)
             if s.parameters:
                 sd["parameters"] = s.parameters
             doc["slices"].append(sd)
-        if self.parameters:
-            doc["parameters"] = self.parameters
-        return yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+        params = dict(self.parameters)
+        if self.method == "linear" and not self.normalize:
+            params["normalize"] = False
+        if params:
+            doc["parameters"] = params
+        return yaml.dump(doc, Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
+
+
+class _Flow(list):
+    """A list written in YAML flow style: `layer_range: [0, 40]`."""
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_list(dumper: yaml.SafeDumper, v: list) -> yaml.Node:
+    """Lists of plain numbers/strings (layer ranges, gradients) in flow style, others in block style."""
+    flow = all(isinstance(x, (int, float, str, bool)) or x is None for x in v)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=flow)
+
+
+_RecipeDumper.add_representer(_Flow, _represent_list)
+_RecipeDumper.add_representer(list, _represent_list)
 
 
 # -- loading ----------------------------------------------------------------------------
 
 
-class _NoAliasBombLoader(yaml.SafeLoader):
-    """SafeLoader that refuses documents expanding to absurd sizes through anchors/aliases."""
+MAX_RECIPE_BYTES = 1024 * 1024  # published recipes are a few KB
+MAX_YAML_DEPTH = 64  # mergekit recipes nest about 8 levels
+MAX_YAML_EVENTS = 100_000
+_FastSafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A user-supplied value for a one-line message: repr (escapes newlines), cut to `limit`."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 5] + "..." + r[-1]
+
+
+class _NoAliasBombLoader(_FastSafeLoader):  # type: ignore[misc, valid-type]
+    """SafeLoader that refuses documents expanding to absurd sizes or depths through anchors/aliases,
+    and notes duplicate keys (YAML keeps the last one silently, as mergekit does)."""
 
     MAX_NODES = 200_000
 
     def construct_document(self, node: yaml.Node) -> Any:
         count = 0
-        stack = [node]
+        stack = [(node, 1)]
+        seen: set[int] = set()
+        self.duplicates: list[str] = []
         while stack:
-            n = stack.pop()
+            n, depth = stack.pop()
             count += 1
             if count > self.MAX_NODES:
                 raise RecipeError("recipe YAML expands to too many nodes (alias bomb?)")
+            if depth > MAX_YAML_DEPTH:
+                raise RecipeError(f"recipe YAML nests more than {MAX_YAML_DEPTH} levels deep (through aliases?)")
             if isinstance(n, yaml.SequenceNode):
-                stack.extend(n.value)
+                stack.extend((v, depth + 1) for v in n.value)
             elif isinstance(n, yaml.MappingNode):
+                if id(n) not in seen:
+                    seen.add(id(n))
+                    keys: set[Any] = set()
+                    for k, _ in n.value:
+                        if isinstance(k, yaml.ScalarNode) and k.value != "<<":
+                            if k.value in keys:
+                                self.duplicates.append(f"key {_short(k.value)} appears twice in one mapping "
+                                                       f"(line {k.start_mark.line + 1}); the last one is used")
+                            keys.add(k.value)
                 for k, v in n.value:
-                    stack.extend((k, v))
+                    stack.extend(((k, depth + 1), (v, depth + 1)))
         return super().construct_document(node)
+
+
+def _check_shape(text: str) -> None:
+    """Refuse deep nesting and huge documents before the (recursive) composer sees them."""
+    depth = events = 0
+    for ev in yaml.parse(text, Loader=_FastSafeLoader):
+        events += 1
+        if isinstance(ev, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
+            depth += 1
+            if depth > MAX_YAML_DEPTH:
+                raise RecipeError(f"recipe YAML nests more than {MAX_YAML_DEPTH} levels deep "
+                                  f"(line {ev.start_mark.line + 1})")
+        elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
+            depth -= 1
+        if events > MAX_YAML_EVENTS:
+            raise RecipeError(f"recipe YAML has more than {MAX_YAML_EVENTS} items; a recipe is a few slices")
 
 
 def _first_error(e: ValidationError) -> str:
     err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    return f"{loc}: {err['msg']}" if loc else err["msg"]
+    loc = ".".join(str(p) if isinstance(p, int) or (p.isprintable() and len(p) <= 40) else _short(p, 40)
+                   for p in err["loc"])
+    msg = " ".join(str(err["msg"]).split())
+    return f"{loc}: {msg}" if loc else msg
 
 
 def parse_yaml_text(text: str, origin: str = "recipe") -> Recipe:
     try:
-        doc = yaml.load(text, Loader=_NoAliasBombLoader)  # noqa: S506 - SafeLoader subclass
+        _check_shape(text)
+        loader = _NoAliasBombLoader(text)
+        try:
+            doc = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{origin}: malformed YAML{where}: {problem}") from None
+        problem = getattr(e, "problem", None) or (str(e).splitlines() or ["unreadable"])[0]
+        raise RecipeError(f"{origin}: malformed YAML{where}: {' '.join(str(problem).split())[:200]}") from None
+    except RecipeError as e:
+        raise RecipeError(f"{origin}: {e}") from None
+    except RecursionError:  # a last resort; the depth checks above should make it unreachable
+        raise RecipeError(f"{origin}: recipe YAML nests too deeply") from None
     if not isinstance(doc, dict):
         raise RecipeError(f"{origin}: expected a mergekit YAML mapping with merge_method and slices")
     try:
         cfg = MergeConfig.model_validate(doc)
     except ValidationError as e:
         raise RecipeError(f"{origin}: {_first_error(e)}") from None
-    return normalize_config(cfg, origin)
+    recipe = normalize_config(cfg, origin)
+    recipe.warnings[:0] = [f"{origin}: {d}" for d in getattr(loader, "duplicates", [])]
+    return recipe
 
 
 def load_yaml(path: str | Path) -> Recipe:
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if size > 4 * 1024 * 1024:
-            raise RecipeError(f"{p}: recipe file is {size} bytes; refusing anything over 4 MB")
-        text = p.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise RecipeError(f"{p}: recipe is not UTF-8 text") from None
+        if p.is_file() and p.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{p}: recipe file is {p.stat().st_size} bytes; refusing anything over "
+                              f"{MAX_RECIPE_BYTES // 1024} KB (a recipe is a few KB)")
+        with open(p, "rb") as f:  # bounded read: also safe for /dev/zero, pipes and the like
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+        if len(raw) > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{p}: recipe is over {MAX_RECIPE_BYTES // 1024} KB; a recipe is a few KB")
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise RecipeError(f"{p}: recipe is not UTF-8 text (byte {e.start}, line {line})") from None
     except OSError as e:
-        raise RecipeError(f"{p}: cannot read recipe ({e.strerror})") from None
+        raise RecipeError(f"{p}: cannot read recipe ({e.strerror or e})") from None
     return parse_yaml_text(text, str(p))
 
 
 def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
     """Check what mergekit would accept and what we can do natively; turn it into a Recipe."""
-    notes = [f"{origin}: unknown key {k!r} ignored (mergekit ignores it too)" for k in cfg.unknown_keys("config")]
+    notes = [f"{origin}: unknown key {_short(k)} ignored (mergekit ignores it too)" for k in cfg.unknown_keys("config")]
     method = cfg.merge_method.strip().lower()
     if method not in SUPPORTED_METHODS:
-        raise RecipeError(f"{origin}: merge_method {cfg.merge_method!r} is not supported; "
+        raise RecipeError(f"{origin}: merge_method {_short(cfg.merge_method)} is not supported; "
                           "gguf-upscale does passthrough (and linear recipes with one non-zero source per slice)")
     if cfg.tokenizer_source not in (None, "base") and not isinstance(cfg.tokenizer_source, str):
-        raise RecipeError(f"{origin}: tokenizer_source {cfg.tokenizer_source!r} is not supported "
+        raise RecipeError(f"{origin}: tokenizer_source {_short(cfg.tokenizer_source)} is not supported "
                           "(the tokenizer is taken from the first slice's model)")
     if cfg.tokenizer_source == "union" or cfg.tokenizer is not None:
         raise RecipeError(f"{origin}: tokenizer merging (tokenizer_source: union / tokenizer:) is not supported; "
@@ -248,11 +350,11 @@ def parse_slices(spec: str, model: str = "source") -> Recipe:
     for part in parts:
         bits = part.split(":")
         if len(bits) != 2:
-            raise RecipeError(f"--slices: {part!r} is not START:END")
+            raise RecipeError(f"--slices: {_short(part)} is not START:END")
         try:
             a, b = int(bits[0]), int(bits[1])
         except ValueError:
-            raise RecipeError(f"--slices: {part!r} is not START:END with whole numbers") from None
+            raise RecipeError(f"--slices: {_short(part)} is not START:END with whole numbers") from None
         slices.append({"sources": [{"model": model, "layer_range": [a, b]}]})
     cfg = MergeConfig.model_validate({"merge_method": "passthrough", "slices": slices})
     return normalize_config(cfg, "--slices")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES
 
 from .errors import SourceError
-from .gguf_header import read_header
+from .gguf_header import check_key_types, read_header
 
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -74,9 +74,9 @@ def shard_paths(path: Path) -> list[Path]:
     m = SHARD_RE.match(path.name)
     if not m:
         return [path]
-    count = int(m.group("count"))
-    if count < 1:
-        raise SourceError(f"{path}: shard name says the set has {count} files")
+    count, no = int(m.group("count")), int(m.group("no"))
+    if not 1 <= no <= count:
+        raise SourceError(f"{path}: shard name says it is file {no} of a set of {count}")
     stem = m.group("stem")
     paths = [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
     missing = [p.name for p in paths if not p.is_file()]
@@ -100,6 +100,8 @@ def resolve_model_path(ref: str | Path) -> Path:
         raise SourceError(f"{p}: no such file")
     m = SHARD_RE.match(p.name)
     if m:
+        shard_paths(p)  # names the file given when its set is incomplete or its name is impossible
+    if m and m.group("no") != "00001":
         p = p.with_name(f"{m.group('stem')}-00001-of-{m.group('count')}.gguf")
     return p
 
@@ -120,6 +122,7 @@ class SourceModel:
         expected_count = len(self.paths)
         for i, p in enumerate(self.paths):
             h = read_header(p)
+            check_key_types(p, h.kvs)
             kvs = {kv.key: KV(kv.key, kv.value, kv.vtype, kv.sub_type) for kv in h.kvs}
             if expected_count > 1 or "split.count" in kvs:
                 self._check_shard(p, i, expected_count, kvs)
@@ -141,14 +144,23 @@ class SourceModel:
     def _check_shard(self, p: Path, i: int, expected_count: int, kvs: dict[str, KV]) -> None:
         no, count = kvs.get("split.no"), kvs.get("split.count")
         if no is None or count is None:
+            if expected_count == 1:  # a lone split.tensors.count is harmless
+                return
             raise SourceError(f"{p}: named as a shard but has no split.no/split.count keys")
+        if expected_count == 1 and int(count.value) > 1:
+            raise SourceError(f"{p}: is shard {int(no.value) + 1} of a set of {count.value} (split.no/split.count), "
+                              "but its name lacks the -0000N-of-0000M part that locates the other shards")
         if int(count.value) != expected_count:
             raise SourceError(f"{p}: split.count is {count.value}, file name says {expected_count}")
         if int(no.value) != i:
             raise SourceError(f"{p}: split.no is {no.value}, expected {i} (shards from different sets?)")
+        tc = kvs.get("split.tensors.count")
+        total = int(tc.value) if tc is not None else None
         if i == 0:
-            tc = kvs.get("split.tensors.count")
-            self.kvs_first_split_total = int(tc.value) if tc is not None else None
+            self.kvs_first_split_total = total
+        elif total is not None and self.kvs_first_split_total is not None and total != self.kvs_first_split_total:
+            raise SourceError(f"{p}: split.tensors.count is {total}, the first shard says "
+                              f"{self.kvs_first_split_total} (shards from different sets?)")
 
     kvs_first_split_total: int | None = None
 
@@ -170,6 +182,9 @@ class SourceModel:
         n = self.arch_get("block_count")
         if n is None:
             raise SourceError(f"{self.path}: no {self.arch}.block_count key")
+        if n > len(self.tensors):  # every layer has tensors: a larger count is corrupt, and costly to draw
+            raise SourceError(f"{self.path}: {self.arch}.block_count is {n}, but the model has only "
+                              f"{len(self.tensors)} tensors (corrupt header?)")
         return int(n)
 
     @cached_property
