@@ -7,7 +7,7 @@ a few MB in size.
 
 Architectures are described by a table (:data:`ARCHS`): per-layer tensors with
 shape rules plus the hparams llama.cpp requires. ``llama`` mirrors convert's
-output exactly; qwen2, qwen3, gemma2, gemma3, phi3, command-r and granite carry
+output exactly; qwen2, qwen3, gemma2, gemma3, phi3, command-r, granite, cohere2, mistral3 and smollm3 carry
 the tensors and keys their llama.cpp loaders need (all load and run). Adding an
 architecture means adding an :class:`ArchSpec` entry and a load test.
 """
@@ -92,10 +92,11 @@ class Dims:
     n_head: int
     n_head_kv: int
     n_vocab: int
+    n_embd_head: int = 0  # 0: n_embd // n_head (else written as attention.key_length/value_length)
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.n_embd_head or self.n_embd // self.n_head
 
 
 ShapeFn = Callable[[Dims], tuple[int, ...]]
@@ -216,6 +217,10 @@ def _gemma3_hp(d: Dims) -> dict[str, KV]:
     return {**_kv_len(d), "attention.sliding_window": (SLIDING_WINDOW, U32, None)}
 
 
+def _cohere2_hp(d: Dims) -> dict[str, KV]:
+    return {"logit_scale": (1.0, F32, None), "attention.sliding_window": (SLIDING_WINDOW, U32, None)}
+
+
 def _granite_hp(d: Dims) -> dict[str, KV]:
     return {**_llama_hp(d), "logit_scale": (1.0, F32, None), "residual_scale": (0.5, F32, None),
             "embedding_scale": (1.0, F32, None), "attention.scale": (1.0 / d.head_dim**0.5, F32, None)}
@@ -241,6 +246,11 @@ ARCHS: dict[str, ArchSpec] = {
                  lambda d: {"logit_scale": (1.0, F32, None)},
                  always_tied=True, norm_eps_key="attention.layer_norm_epsilon"),
         ArchSpec("granite", _LLAMA_LAYER, _granite_hp),
+        # Command R7B / Command A: command-r's tensors, sliding-window layers (3 of 4; full ones have no RoPE)
+        ArchSpec("cohere2", _LLAMA_LAYER - {"ffn_norm.weight"}, _cohere2_hp,
+                 always_tied=True, norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("mistral3", _LLAMA_LAYER, lambda d: {"rope.dimension_count": (d.head_dim, U32, None)}),
+        ArchSpec("smollm3", _LLAMA_LAYER),  # llama.cpp: every 4th layer without RoPE (hard-coded)
     ]
 }
 
@@ -367,7 +377,7 @@ def _weight(name: str, shape: tuple[int, ...], seed: int, *, tied: bool, gain: f
         return 0.1 * x
     if len(shape) == 1:
         return np.float32(gain) * (1.0 + 0.05 * x)
-    fan_in = shape[1]
+    fan_in = shape[-1]
     if name == "output.weight" or (name == "token_embd.weight" and tied):
         return x * np.float32(2.0 / np.sqrt(fan_in))
     if name == "token_embd.weight":
@@ -435,6 +445,8 @@ def _metadata(
         f"{a}.rope.freq_base": (ROPE_FREQ_BASE, f32, None),
         f"{a}.{spec.norm_eps_key}": (RMS_EPS, f32, None),
         "general.file_type": (int(DTYPES[dtype][1]), u32, None),
+        **({f"{a}.attention.key_length": (dims.head_dim, u32, None),
+            f"{a}.attention.value_length": (dims.head_dim, u32, None)} if dims.n_embd_head else {}),
         **{f"{a}.{k}": v for k, v in spec.hparams(dims).items()},
         # convert_hf_to_gguf writes this for every output type, F16 included.
         "general.quantization_version": (GGML_QUANT_VERSION, u32, None),
@@ -481,6 +493,9 @@ def make_model(
     split_max_size: int = 0,
     extra_kv: dict[str, Any] | None = None,
     tensor_order: TensorOrder = "natural",
+    n_embd_head: int = 0,
+    n_expert: int = 0,
+    n_expert_used: int = 2,
 ) -> Path:
     """Write a random but loadable GGUF model and return its path (first shard if split).
 
@@ -488,28 +503,36 @@ def make_model(
     overrides metadata: values are ``(value, GGUFValueType[, sub_type])`` tuples, or plain
     str/float/bool/list[str]; ``None`` deletes a key (to build broken models).
     ``split_max_size`` (bytes) splits via GGUFWriter; if the model fits in one shard a
-    single unsplit file is written.
+    single unsplit file is written. ``n_embd_head`` sets a head size other than
+    n_embd / n_head (as Gemma's), written as ``attention.key_length``/``value_length``.
+    ``n_expert`` > 0 replaces each layer's FFN by Mixtral-style experts (ffn_gate_inp and
+    ffn_{gate,up,down}_exps, ``expert_count``/``expert_used_count``).
     """
     if arch not in ARCHS:
         raise ValueError(f"unsupported arch {arch!r}; known: {sorted(ARCHS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; known: {sorted(DTYPES)}")
-    if n_embd % n_head or n_head % n_head_kv:
+    if (n_embd % n_head and not n_embd_head) or n_head % n_head_kv:
         raise ValueError("n_embd must be divisible by n_head, and n_head by n_head_kv")
     if seed < 0:
         raise ValueError("seed must be >= 0")
     spec = ARCHS[arch]
     tied = tied or spec.always_tied
-    dims = Dims(n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab)
+    dims = Dims(n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab, n_embd_head)
     qtype = DTYPES[dtype][0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     names = tensor_names(arch, n_layer, tied=tied, order=tensor_order)
     shapes = {n: spec.shape(_suffix(n))(dims) for n in names}
+    if n_expert:
+        names, shapes = _moe_layers(names, shapes, dims, n_expert)
     n_params = sum(int(np.prod(s)) for s in shapes.values())
 
     kv = _metadata(spec, dims, name=name, dtype=dtype, n_params=n_params, vocab=build_vocab(n_vocab))
+    if n_expert:
+        kv[f"{arch}.expert_count"] = (n_expert, U32, None)
+        kv[f"{arch}.expert_used_count"] = (n_expert_used, U32, None)
     for key, value in (extra_kv or {}).items():
         if value is None:
             kv.pop(key, None)
@@ -532,6 +555,29 @@ def make_model(
     finally:
         writer.close()
     return shard_paths(path, n_shards)[0]
+
+
+def _moe_layers(names: list[str], shapes: dict[str, tuple[int, ...]], dims: Dims,
+                n_expert: int) -> tuple[list[str], dict[str, tuple[int, ...]]]:
+    """Dense FFN tensors -> router + stacked experts (numpy shapes: experts first)."""
+    moe = {"ffn_gate.weight": "ffn_gate_exps.weight", "ffn_up.weight": "ffn_up_exps.weight",
+           "ffn_down.weight": "ffn_down_exps.weight"}
+    out_names: list[str] = []
+    out_shapes: dict[str, tuple[int, ...]] = {}
+    for n in names:
+        suffix = _suffix(n)
+        if not n.startswith("blk.") or suffix not in moe:
+            out_names.append(n)
+            out_shapes[n] = shapes[n]
+            continue
+        block = n[: -len(suffix) - 1]
+        if suffix == "ffn_down.weight":
+            out_names.append(f"{block}.ffn_gate_inp.weight")
+            out_shapes[f"{block}.ffn_gate_inp.weight"] = (n_expert, dims.n_embd)
+        new = f"{block}.{moe[suffix]}"
+        out_names.append(new)
+        out_shapes[new] = (n_expert, *shapes[n])
+    return out_names, out_shapes
 
 
 def load_llama(path: Path | str, **kw: Any) -> "llama_cpp.Llama":

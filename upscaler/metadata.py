@@ -16,7 +16,7 @@ from gguf.utility import size_label as gguf_size_label
 from . import __version__, archs
 from .errors import RecipeError
 from .plan import Plan
-from .source import KV, SourceModel
+from .source import KV, SHARD_RE, SourceModel
 
 T = GGUFValueType
 
@@ -30,6 +30,10 @@ K_LAYER_INDEX = "upscale.layer_source_index"
 K_SOURCE_BLOCKS = "upscale.source_block_counts"
 
 LINEAGE_PREFIX = "general.base_model."
+# Keys that identify the source model itself (its own repo, URL, DOI, UUID, description). They are
+# not true of the output: they move into general.base_model.N.* (see `_lineage`) instead of being copied.
+SOURCE_IDENTITY_KEYS = ("general.url", "general.doi", "general.uuid", "general.repo_url", "general.description",
+                        "general.source.url", "general.source.doi", "general.source.uuid", "general.source.repo_url")
 
 
 def _per_layer_value(models: dict[str, SourceModel], plan: Plan, key: str) -> KV | None:
@@ -58,6 +62,32 @@ def _per_layer_value(models: dict[str, SourceModel], plan: Plan, key: str) -> KV
     return KV(key, values, T.ARRAY, sub)
 
 
+def _swa_value(models: dict[str, SourceModel], plan: Plan) -> KV | None:
+    """The sliding-window pattern as a per-layer array: each output layer keeps its source layer's kind.
+
+    llama.cpp's load_swa_pattern reads `{arch}.attention.sliding_window_pattern` as a per-layer
+    BOOL array before falling back to the scalar period (or the arch's default period), so a
+    pattern fixed by position becomes one value per layer, re-indexed like any per-layer key.
+    """
+    arch = plan.arch
+    key = f"{arch}.{archs.SWA_KEY}"
+    kinds = {name: archs.swa_layers(arch, {k: kv.value for k, kv in m.kvs.items()}, m.block_count)
+             for name, m in models.items() if name in plan.models}
+    if all(k is None for k in kinds.values()):
+        return None
+    if any(k is None for k in kinds.values()):
+        on = next(n for n, k in kinds.items() if k is not None)
+        off = next(n for n, k in kinds.items() if k is None)
+        raise RecipeError(f"model {on!r} uses sliding-window attention and model {off!r} does not "
+                          f"({arch}.{archs.SWA_WINDOW_KEY})")
+    arrays = [m.kvs[key] for m in models.values() if key in m.kvs and m.kvs[key].vtype == T.ARRAY]
+    sub = arrays[0].sub_type if arrays else T.BOOL
+    values = [kinds[l.model][l.source_layer] for l in plan.layers]
+    if sub != T.BOOL:
+        values = [int(v) for v in values]
+    return KV(key, values, T.ARRAY, sub)
+
+
 def _check_positional(models: dict[str, SourceModel], plan: Plan) -> list[str]:
     """Refuse position-dependent keys when layers move; return warnings for unknown per-layer arrays."""
     arch = plan.arch
@@ -68,6 +98,10 @@ def _check_positional(models: dict[str, SourceModel], plan: Plan) -> list[str]:
         for suffix in archs.POSITIONAL_KEYS:
             kv = m.kvs.get(f"{arch}.{suffix}")
             if kv is None or (suffix in archs.PER_LAYER_KEYS and kv.vtype == T.ARRAY):
+                continue
+            if suffix == archs.SWA_KEY and archs.swa_rule(arch) is not None:
+                continue  # re-expressed per layer by _swa_value
+            if suffix in archs.ZERO_IS_NEUTRAL and kv.value == 0:
                 continue
             raise RecipeError(f"model {name!r}: metadata {kv.key} = {kv.value} fixes layer kinds by position; "
                               "moving layers would change them and llama.cpp has no per-layer form for it here")
@@ -96,14 +130,16 @@ def build_metadata(models: dict[str, SourceModel], plan: Plan, *, name: str | No
     emb = models[plan.embed_model]
     out: dict[str, KV] = {}
     for key, kv in emb.kvs.items():
-        if key.startswith(LINEAGE_PREFIX) or key.startswith("upscale."):
+        if key.startswith(LINEAGE_PREFIX) or key.startswith("upscale.") or key in SOURCE_IDENTITY_KEYS:
             continue
         out[key] = kv
 
     bc = emb.kvs[f"{arch}.block_count"]
     out[bc.key] = bc.with_value(plan.block_count)
+    swa = None if plan.is_identity() else _swa_value(models, plan)
     for suffix in archs.PER_LAYER_KEYS:
-        kv = _per_layer_value(models, plan, f"{arch}.{suffix}")
+        key = f"{arch}.{suffix}"
+        kv = swa if swa is not None and key == swa.key else _per_layer_value(models, plan, key)
         if kv is not None:
             out[kv.key] = kv
 
@@ -112,11 +148,22 @@ def build_metadata(models: dict[str, SourceModel], plan: Plan, *, name: str | No
     src_name = emb.get("general.name") or emb.path.stem
     out["general.name"] = KV("general.name", name or f"{src_name} upscaled {plan.block_count}L", T.STRING)
     out["general.size_label"] = KV("general.size_label", label, T.STRING)
-    tags = list(emb.get("general.tags") or [])
-    for tag in ("merge", "frankenmerge", "gguf-upscale"):
-        if tag not in tags:
-            tags.append(tag)
+    # tags of every source model (plan order), each once, then ours
+    tags: list[str] = []
+    for tag in [t for mname in plan.models for t in (models[mname].get("general.tags") or [])] + [
+            "merge", "frankenmerge", "gguf-upscale"]:
+        if str(tag) not in tags:
+            tags.append(str(tag))
     out["general.tags"] = KV("general.tags", tags, T.ARRAY, T.STRING)
+    # the output is bound by every source's license: when the sources disagree, name them all
+    # (comma-separated, as gguf-py writes a list of licenses); general.license.name/.link stay the first's
+    licenses = []
+    for mname in plan.models:
+        lic = models[mname].get("general.license")
+        if lic and str(lic) not in licenses:
+            licenses.append(str(lic))
+    if len(licenses) > 1:
+        out["general.license"] = KV("general.license", ",".join(licenses), T.STRING)
 
     for kv in _lineage(models, plan):
         out[kv.key] = kv
@@ -130,11 +177,18 @@ def _lineage(models: dict[str, SourceModel], plan: Plan) -> list[KV]:
     kvs = [KV(f"{LINEAGE_PREFIX}count", len(plan.models), T.UINT32)]
     for i, mname in enumerate(plan.models):
         m = models[mname]
-        fields = {
-            "name": m.get("general.name") or m.get("general.basename") or m.path.stem,
-            "organization": m.get("general.organization"),
+        shard = SHARD_RE.match(m.path.name)
+        fields = {  # the keys gguf-py's Metadata writes for a base model
+            "name": m.get("general.name") or m.get("general.basename") or (shard.group("stem") if shard else m.path.stem),
+            "author": m.get("general.author"),
             "version": m.get("general.version"),
-            "repo_url": m.get("general.repo_url") or m.get("general.source.repo_url") or m.get("general.url"),
+            "organization": m.get("general.organization"),
+            "description": m.get("general.description"),
+            "url": m.get("general.url") or m.get("general.source.url"),
+            "doi": m.get("general.doi") or m.get("general.source.doi"),
+            "uuid": m.get("general.uuid") or m.get("general.source.uuid"),
+            # where its weights live: its own repo, else the repo it was converted from (never a web page)
+            "repo_url": m.get("general.repo_url") or m.get("general.source.repo_url"),
         }
         for field, value in fields.items():
             if value:

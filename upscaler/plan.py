@@ -28,6 +28,7 @@ HF_NAMES = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
     "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
@@ -37,16 +38,21 @@ HF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "o
 # Metadata keys that must agree for two models to be stacked (after "{arch}.")
 COMPAT_KEYS = ("embedding_length", "feed_forward_length", "attention.head_count", "attention.head_count_kv",
                "attention.key_length", "attention.value_length", "rope.dimension_count",
-               "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size", "context_length")
+               "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size", "context_length",
+               # global hyper-parameters every layer runs with (gemma, cohere, granite, phi3, MoE)
+               "attention.layer_norm_epsilon", "attention.sliding_window", "rope.freq_base_swa",
+               "attn_logit_softcapping", "final_logit_softcapping", "logit_scale", "residual_scale",
+               "embedding_scale", "attention.scale", "rope.scaling.type", "rope.scaling.factor",
+               "expert_count", "expert_used_count")
 
 
-def hf_tensor_name(suffix: str, layer: int | None) -> str:
-    """Names a mergekit filter may match: the HF form and the GGUF form, space separated."""
+def hf_tensor_name(suffix: str, layer: int | None, arch: str | None = None) -> str:
+    """Names a mergekit filter may match: the HF form (as `arch`'s checkpoint names it) and the GGUF form."""
     base, _, kind = suffix.rpartition(".")  # "attn_output.weight" -> ("attn_output", "weight")
     if layer is None:
         hf = f"{HF_GLOBAL.get(base, base)}.{kind}"
         return f"{hf} {suffix}"
-    hf = f"model.layers.{layer}.{HF_NAMES.get(base, base)}.{kind}"
+    hf = f"model.layers.{layer}.{archs.hf_name(arch, base) or HF_NAMES.get(base, base)}.{kind}"
     return f"{hf} blk.{layer}.{suffix}"
 
 
@@ -157,15 +163,24 @@ def _digest(value: Any) -> str | None:
 
 
 def _scales_for(recipe: Recipe, slice_idx: int, src_idx: int, tensors: dict[str, SourceTensor],
-                layer: int, t: float, weight_factor: float) -> tuple[tuple[str, float], ...]:
+                layer: int, t: float, weight_factor: float, arch: str | None = None) -> tuple[tuple[str, float], ...]:
     out = []
     for suffix in sorted(tensors):
-        name = hf_tensor_name(suffix, layer)
+        name = hf_tensor_name(suffix, layer, arch)
         scale = lookup_parameter(recipe, slice_idx, src_idx, "scale", name, t)
         factor = (1.0 if scale is None else _as_float(scale, "scale")) * weight_factor
         if factor != 1.0:
+            _check_offset_norm(arch, f"blk.{layer}.{suffix}", factor)
             out.append((suffix, factor))
     return tuple(out)
+
+
+def _check_offset_norm(arch: str | None, name: str, factor: float) -> None:
+    """Gemma's GGUF norms hold 1 + w (convert_hf_to_gguf adds 1); mergekit scales w, we would scale 1 + w."""
+    if archs.is_offset_norm(arch, name):
+        raise RecipeError(f"{arch}: the recipe scales {name} by {factor:g}, but {arch} GGUF files store norm weights "
+                          "as 1 + w, so that is not the scale mergekit would apply; exclude norms from the scale "
+                          "(e.g. filter o_proj / down_proj)")
 
 
 def _as_float(v: Any, what: str) -> float:
@@ -184,7 +199,7 @@ def _linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> t
         for layer in range(a, b):
             t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
             for suffix in model.blocks.get(layer, {}):
-                name = hf_tensor_name(suffix, layer)
+                name = hf_tensor_name(suffix, layer, model.arch)
                 weights = []
                 for k in range(len(s.sources)):
                     w = lookup_parameter(recipe, si, k, "weight", name, t)
@@ -206,16 +221,27 @@ def _linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> t
     return chosen.pop()
 
 
+def _whole_model_ranges(recipe: Recipe, used: dict[str, SourceModel]) -> Recipe:
+    """A `models:` recipe stands for the whole model: record its real layer range, not a placeholder."""
+    slices = []
+    for s in recipe.slices:
+        srcs = [src.model_copy(update={"layer_range": (0, used[src.model].block_count)})
+                if tuple(src.layer_range) == (0, -1) else src for src in s.sources]
+        slices.append(s.model_copy(update={"sources": srcs}))
+    return recipe.model_copy(update={"slices": slices})
+
+
 def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
     """Validate `recipe` against the source headers and lay out the output layers."""
     for name in recipe.model_names():
         if name not in models:
             raise RecipeError(f"recipe names model {name!r}, which was not given (use --model {name}=PATH)")
     used = {n: models[n] for n in recipe.model_names()}
+    recipe = _whole_model_ranges(recipe, used)
     first = next(iter(used.values()))
     arch = first.arch
     if archs.lookup(arch) is None:
-        raise RecipeError(archs.refusal(arch))
+        raise RecipeError(f"{first.path.name}: {archs.refusal(arch)}")
     if len(used) > 1:
         _check_compatible(used)
 
@@ -226,8 +252,6 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
         model = used[src.model]
         n = model.block_count
         a, b = src.layer_range
-        if (a, b) == (0, -1):  # `models:` form: the whole model
-            a, b = 0, n
         if b > n:
             raise RecipeError(f"slice {si} ({src.model}) layer_range [{a}, {b}] is outside the model's "
                               f"{n} layers (valid: 0 <= start < end <= {n})")
@@ -237,12 +261,13 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
                 raise RecipeError(f"slice {si}: model {src.model!r} has no tensors for layer {layer} "
                                   f"although block_count is {n}")
             t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
-            scales = _scales_for(recipe, si, src_idx, tensors, layer, t, weight_factor)
+            scales = _scales_for(recipe, si, src_idx, tensors, layer, t, weight_factor, arch)
             layers.append(OutputLayer(len(layers), src.model, layer, si, scales))
     if not layers:
         raise RecipeError("the recipe produces no layers")
     if len(layers) > 65535:
         raise RecipeError(f"the recipe produces {len(layers)} layers; llama.cpp cannot load that many")
+    archs.check_layout(arch, used, [(l.model, l.source_layer) for l in layers])
 
     plan = Plan(recipe=recipe, arch=arch,
                 models={k: ModelInfo(k, str(m.path), m.arch, m.block_count, m.n_params, m.n_bytes)
@@ -267,4 +292,5 @@ def _global_scales(plan: Plan, models: dict[str, SourceModel]) -> None:
         scale = lookup_parameter(plan.recipe, ref.slice_index, src_idx, "scale",
                                  hf_tensor_name(name, None), 1.0 if head else 0.0)
         if scale is not None and _as_float(scale, "scale") != 1.0:
+            _check_offset_norm(plan.arch, name, float(scale))
             plan.global_scales[name] = float(scale)
