@@ -5,8 +5,10 @@
               peak RSS of the upscale process.
   quantize  : `gguf-upscale quantize` vs llama.cpp's own quantize driver (llama_model_quantize), same threads.
   run       : one-shot `run` vs the two-step path (upscale F16, then llama.cpp's quantizer), seed plan.
+  reflink   : seed-style upscale on a loop-mounted XFS/btrfs (root only; skipped otherwise): disk used and
+              time with duplicates cloned from their first copy vs a plain write; byte identity.
 
-Usage: python scripts/bench.py [--only upscale,quantize,run] [--size-gb 2.2] [--dir out/bench] [--keep]
+Usage: python scripts/bench.py [--only upscale,quantize,run,reflink] [--size-gb 2.2] [--dir out/bench] [--keep]
 """
 
 from __future__ import annotations
@@ -155,9 +157,9 @@ def bench_upscale(work: Path, size_gb: float) -> dict:
 
     def upscale() -> Measure:
         out.unlink(missing_ok=True)
-        return run_measured(cli("upscale", src, "--preset", "overlap-halves", "-o", out, "-q"))
+        return run_measured(cli("upscale", src, "--preset", "overlap-halves", "-o", out, "-q", "--no-model-card"))
 
-    up = upscale()  # warm-up run also tells us the output size
+    upscale()  # warm-up run also tells us the output size
     out_size = out.stat().st_size
     ref = work / "cp-source.bin"
     make_file(ref, out_size)
@@ -182,11 +184,12 @@ def bench_upscale(work: Path, size_gb: float) -> dict:
 
 LLAMA_QUANTIZE = """
 import sys, llama_cpp
+from upscaler import llama_log
 from upscaler.quant_types import parse_quant_type
+llama_log.install()  # swallow llama.cpp's log, as gguf-upscale does
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype = parse_quant_type(sys.argv[3]).ftype
 p.nthread = int(sys.argv[4])
-llama_cpp.llama_log_set(llama_cpp.llama_log_callback(lambda *a: None), None)
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
 """
 
@@ -233,14 +236,14 @@ def bench_run(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
     def two_step() -> Measure:
         for p in (up, two):
             p.unlink(missing_ok=True)
-        a = run_measured(cli("upscale", src, "--preset", "overlap-halves", "-o", up, "-q"))
+        a = run_measured(cli("upscale", src, "--preset", "overlap-halves", "-o", up, "-q", "--no-model-card"))
         b = run_measured(llama_quantize_cmd(up, two, qtype, threads))
         return Measure(a.seconds + b.seconds, max(a.max_rss, b.max_rss))
 
     def one_shot() -> Measure:
         one.unlink(missing_ok=True)
         return run_measured(cli("run", src, "--preset", "overlap-halves", "-o", one, "--type", qtype,
-                                "--threads", threads, "--no-smoke"))
+                                "--threads", threads, "--no-smoke", "--no-model-card"))
 
     two_m, one_m = interleaved(2, two_step, one_shot)
     identical = one.read_bytes() == two.read_bytes()
@@ -255,7 +258,102 @@ def bench_run(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
             "ok": identical and ratio <= 0.75 and one_m.max_rss <= 1e9}
 
 
-BENCHES = {"upscale": bench_upscale, "quantize": bench_quantize, "run": bench_run}
+PLAIN_UPSCALE = """
+import sys
+from upscaler.output import build_output
+from upscaler.plan import build_plan
+from upscaler.resolve import resolve
+from upscaler.source import TensorReader
+from upscaler.tensor_data import emit
+from upscaler.writer import GGUFOutput
+res = resolve(sys.argv[1], preset=sys.argv[2])
+out = build_output(build_plan(res.recipe, res.models), res.models)
+with TensorReader() as reader:  # every tensor copied from the source: no sharing of duplicates
+    GGUFOutput(out, sys.argv[3], inputs=res.input_paths).write(lambda t, sink: emit(t, reader, sink))
+"""
+
+
+def _fs_used(folder: Path) -> int:
+    os.sync()
+    st = os.statvfs(folder)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+def _mount_loop(work: Path, size: int) -> tuple[Path, str] | str:
+    """A fresh XFS (reflink) or btrfs image mounted at work/reflink-mnt; or why it cannot be."""
+    if os.geteuid() != 0:
+        return "needs root to mount a loop filesystem"
+    img, mnt = work / "reflink.img", work / "reflink-mnt"
+    mnt.mkdir(exist_ok=True)
+    for fs, mkfs in (("xfs", ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]), ("btrfs", ["mkfs.btrfs", "-q", "-f"])):
+        if shutil.which(mkfs[0]) is None:
+            continue
+        img.unlink(missing_ok=True)
+        with open(img, "wb") as f:
+            f.truncate(size)
+        if subprocess.run(mkfs + [str(img)], capture_output=True).returncode:
+            continue
+        if subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True).returncode == 0:
+            return mnt, fs
+    img.unlink(missing_ok=True)
+    return "no mkfs.xfs/mkfs.btrfs, or loop mounts are not allowed here (apt-get install xfsprogs btrfs-progs)"
+
+
+def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
+    """Seed-style overlap-halves upscale written on a loop-mounted XFS/btrfs: duplicated layers cloned
+    from their first copy (the tool's default) vs a plain write of every tensor; disk used, time, bytes."""
+    n_embd, n_ff, n_vocab = 4096, 11008, 32000
+    per_layer = (2 * n_embd * n_embd + 2 * 1024 * n_embd + 3 * n_embd * n_ff) * 2
+    n_layer = max(4, int(np.ceil((size_gb * 1e9 - 2 * n_vocab * n_embd * 2) / per_layer)))
+    n_layer += -n_layer % 4
+    src = synthetic_model(work / f"synthetic-{n_layer}L-F16.gguf", n_layer=n_layer, n_embd=n_embd, n_ff=n_ff,
+                          n_vocab=n_vocab)
+    out_estimate = int(src.stat().st_size * 1.5)
+    mounted = _mount_loop(work, 3 * out_estimate + 1024**3)
+    if isinstance(mounted, str):
+        return {"skipped": mounted, "ok": None}
+    mnt, fs = mounted
+    try:
+        plain, shared = mnt / "plain.gguf", mnt / "shared.gguf"
+        cmds = {"plain": (plain, [sys.executable, "-c", PLAIN_UPSCALE, str(src), "overlap-halves", str(plain)]),
+                "shared": (shared, cli("upscale", src, "--preset", "overlap-halves", "-o", shared, "-q", "--no-model-card"))}
+        rows: dict[str, dict] = {}
+        for order in (("plain", "shared"), ("shared", "plain")):  # alternate; keep each one's fastest run
+            for label in order:
+                path, cmd = cmds[label]
+                path.unlink(missing_ok=True)
+                before = _fs_used(mnt)
+                m = run_measured(cmd)
+                t0 = time.perf_counter()
+                os.sync()  # the plain write leaves more dirty data behind: count getting it to disk too
+                row = {"s": m.seconds, "s_synced": m.seconds + time.perf_counter() - t0,
+                       "used": _fs_used(mnt) - before, "apparent": path.stat().st_size,
+                       "st_blocks": path.stat().st_blocks * 512}
+                if label not in rows or row["s"] < rows[label]["s"]:
+                    rows[label] = row
+        import filecmp
+        identical = filecmp.cmp(plain, shared, shallow=False)
+        p, s = rows["plain"], rows["shared"]
+        ratio = s["used"] / s["apparent"]
+        unique = src.stat().st_size / s["apparent"]  # every source byte once: the floor for sharing
+        return {
+            "filesystem": f"{fs} on a loop image", "layers": f"{n_layer} -> {n_layer * 3 // 2}",
+            "apparent_bytes": s["apparent"],
+            "plain_fs_used_bytes": p["used"], "shared_fs_used_bytes": s["used"],
+            "shared_used_over_apparent": round(ratio, 3), "unique_content_over_apparent": round(unique, 3),
+            "du_st_blocks_bytes": s["st_blocks"], "du_note": "st_blocks (du) counts shared extents in full",
+            "plain_s": round(p["s"], 2), "shared_s": round(s["s"], 2),
+            "shared_over_plain_time": round(s["s"] / p["s"], 3),
+            "plain_s_with_sync": round(p["s_synced"], 2), "shared_s_with_sync": round(s["s_synced"], 2),
+            "shared_over_plain_time_with_sync": round(s["s_synced"] / p["s_synced"], 3),
+            "byte_identical": identical, "ok": identical and ratio <= unique + 0.02,
+        }
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        (work / "reflink.img").unlink(missing_ok=True)
+
+
+BENCHES = {"upscale": bench_upscale, "quantize": bench_quantize, "run": bench_run, "reflink": bench_reflink}
 
 
 def main() -> int:

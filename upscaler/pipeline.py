@@ -17,13 +17,11 @@ from .errors import ImatrixError, QuantizeError
 from .imatrix import ImatrixData, imatrix_metadata, load_imatrix, quantize_entries
 from .output import OutputModel, OutTensor
 from .plan import Plan, global_source
-from .quant_types import QuantType
+from .quant_types import TENSOR_TYPES_NEEDING_IMATRIX, QuantType
 from .quantizer import QuantEmitter, QuantStats
 from .source import KV, SourceModel, TensorReader
 from .writer import GGUFOutput, Progress
 
-# llama-quant.cpp tensor_requires_imatrix: these targets are garbage without an importance matrix
-_NEEDS_IMATRIX = {Q.IQ3_XXS, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_M, Q.IQ1_S}
 _FTYPE_Q2_K_S = 21
 
 
@@ -85,7 +83,7 @@ def check_imatrix_coverage(out: OutputModel, qtype: QuantType, entries: dict[str
             continue
         if t.name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
             continue
-        needs = t.type in _NEEDS_IMATRIX or (t.type == Q.Q2_K and qtype.ftype == _FTYPE_Q2_K_S)
+        needs = t.type in TENSOR_TYPES_NEEDING_IMATRIX or (t.type == Q.Q2_K and qtype.ftype == _FTYPE_Q2_K_S)
         if needs and t.name not in entries:
             hint = ("an importance matrix (--imatrix FILE)" if not entries else
                     "an importance matrix entry for it: the imatrix does not cover this tensor "

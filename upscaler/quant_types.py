@@ -115,6 +115,11 @@ FTYPES_NEEDING_IMATRIX: frozenset[int] = frozenset({
     MOSTLY_IQ3_XXS, MOSTLY_IQ3_XS, MOSTLY_Q2_K_S,
 })
 
+# ggml tensor types (ggml_type ids) that llama.cpp only quantizes with an importance matrix
+# (llama-quant.cpp tensor_requires_imatrix; Q2_K also, but only inside a Q2_K_S file):
+# IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ2_S, IQ1_M.
+TENSOR_TYPES_NEEDING_IMATRIX: frozenset[int] = frozenset({16, 17, 18, 19, 22, 29})
+
 _GIB_PER_LLAMA3_8B = 2**30 * 8 / 8.03e9  # GiB of a Llama-3-8B file -> bits per weight
 
 # Typical bits per weight of a whole file, for size estimates when the exact mixture is not

@@ -1,13 +1,17 @@
 """Tensor contents: copy, zero or scale a source tensor into a sink, one bounded chunk at a time.
 
 Copies go through the sink's `copy_from` so the kernel can move the bytes (copy_file_range)
-without them ever entering this process. Zero is all-zero bytes, which is 0.0 in every GGML type
-(every block format multiplies by a zero scale). Other scales dequantize, scale and re-quantize
-to the same type, row-chunk by row-chunk.
+without them ever entering this process. `Emitter` writes each distinct content once: a
+duplicated tensor (same source, same scale) is copied from its first copy in the output, which
+a reflink filesystem clones instead of writing again (see writer.FileSink.copy_from). Zero is
+all-zero bytes, which is 0.0 in every GGML type (every block format multiplies by a zero scale).
+Other scales dequantize, scale and re-quantize to the same type, row-chunk by row-chunk.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -15,12 +19,11 @@ from gguf import GGMLQuantizationType as Q
 
 from .errors import UpscaleError
 from .output import OutTensor
+from .quant_types import TENSOR_TYPES_NEEDING_IMATRIX
 from .source import TensorReader, row_bytes
 
 CHUNK = 16 * 1024 * 1024
 PLAIN_FLOAT = {Q.F32: np.float32, Q.F16: np.float16}
-# Types whose re-quantization is only defined with an importance matrix: scaling them would need one.
-NEEDS_IMATRIX = {Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ1_S, Q.IQ1_M, Q.IQ3_XXS}
 
 
 class Sink(Protocol):
@@ -36,7 +39,7 @@ def check_scalable(t: OutTensor) -> None:
     typ = t.source.ggml_type
     if typ in PLAIN_FLOAT or typ == Q.BF16:
         return
-    if typ in NEEDS_IMATRIX:
+    if typ in TENSOR_TYPES_NEEDING_IMATRIX:  # re-quantizing them (to scale) needs an importance matrix
         raise UpscaleError(f"{t.name}: scaling a {typ.name} tensor by {t.factor} needs re-quantization with an "
                            "importance matrix, which is not supported; use scale 0 or 1, or an F16/Q8_0/K-quant source")
     from . import ggml
@@ -92,3 +95,45 @@ def emit(t: OutTensor, reader: TensorReader, sink: Sink) -> None:
             sink.write(scaled_rows(raw, src.ggml_type, n_per_row, t.factor))
         return
     raise UpscaleError(f"{t.name}: operation {t.op!r} is not produced by the upscaler writer")
+
+
+class Emitter:
+    """`emit` for the writer, with duplicated tensors copied from their first copy in the output.
+
+    Needs a sink with `path` and `position()` (writer.FileSink). Use as a context manager: it
+    keeps read-only fds on the output files it has written."""
+
+    def __init__(self, reader: TensorReader) -> None:
+        self.reader = reader
+        self.reused = 0
+        self._first: dict[tuple, tuple[Path, int]] = {}
+        self._fds: dict[Path, int] = {}
+
+    def __call__(self, t: OutTensor, sink) -> None:
+        key = t.content_key
+        first = self._first.get(key)
+        if first is not None:
+            path, offset = first
+            sink.copy_from(self._fd(path), offset, t.size)
+            self.reused += 1
+            return
+        start = sink.position()
+        emit(t, self.reader, sink)
+        self._first[key] = (sink.path, start)
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "Emitter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
