@@ -2,7 +2,8 @@
 """`make demo`: the whole pipeline on a real small model, through the CLI a user would type.
 
 plan -> upscale (tensor types kept) -> quantize to Q4_K_M -> smoke test against the source,
-then the one-shot `run`, and a short report of sizes, perplexities, agreement and text.
+then the one-shot `run` (with its model card) and `verify`, and a short report of sizes,
+perplexities, agreement and text.
 """
 
 from __future__ import annotations
@@ -51,8 +52,11 @@ def main() -> int:
     smoke = step("smoke test against the source", "smoke", q4, "--reference", args.source,
                  "--prompt", "The capital of France is", "--json", capture=True)
     report = json.loads(smoke.stdout)
-    step("one-shot run: upscale + quantize once per distinct tensor + smoke test", "run", args.source,
+    step("one-shot run: upscale + quantize once per distinct tensor + smoke test + model card", "run", args.source,
          "--preset", args.preset, "-o", one, "--type", "Q4_K_M", "--force")
+    step("verify: recompute every tensor of the one-shot output from the source", "verify", one,
+         "--source", args.source)
+    card = one.with_suffix(".md")
 
     def mb(p: Path) -> str:
         files = [p] if p.exists() else sorted(p.parent.glob(f"{p.stem}-*-of-*.gguf"))
@@ -67,6 +71,8 @@ def main() -> int:
     print(f"  perplexity      {report['perplexity']:.2f} (source {report['reference_perplexity']:.2f})")
     print(f"  KL divergence   {report['kl_divergence']:.4f} nats/token, top-1 agreement {report['top1_agreement']:.1%}")
     print(f"  generated       {report['text']!r}")
+    print(f"  model card      {card} ({len(card.read_text(encoding='utf-8').splitlines())} lines, ready to publish "
+          "as README.md)")
     return 0
 
 

@@ -6,7 +6,6 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import llama_cpp
 import numpy as np
 import pytest
 

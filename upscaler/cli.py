@@ -24,7 +24,7 @@ from .report import (COMPUTE_OVERHEAD, PLAN_TYPES, human_bytes, human_count, lay
                      type_counts)
 from .resolve import resolve
 from .source import SourceModel, TensorReader
-from .tensor_data import check_scalable, emit
+from .tensor_data import Emitter, check_scalable
 from .writer import GGUFOutput, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -39,6 +39,10 @@ SlicesOpt = typer.Option(None, "--slices", help="Half-open layer ranges of SOURC
 ConfigOpt = typer.Option(None, "--config", help="A mergekit YAML recipe (passthrough, or linear with one non-zero source per slice).")
 PresetOpt = typer.Option(None, "--preset", help="overlap-halves | solar[:drop=M] | llama-pro[:every=K]; sized to SOURCE's depth.")
 ModelOpt = typer.Option(None, "--model", help="NAME=PATH for a model named in the --config recipe (repeatable).")
+CardOpt = typer.Option(True, "--model-card/--no-model-card",
+                       help="Write a hub-style model card (lineage, recipe, license, files, smoke figures) beside the output.")
+CardPathOpt = typer.Option(None, "--model-card-path",
+                           help="Where the model card goes (default: OUTPUT's name with .md; a folder means FOLDER/README.md).")
 
 
 def _echo_err(msg: str) -> None:
@@ -71,6 +75,31 @@ def _prepare(source: Optional[str], slices: Optional[str], config: Optional[str]
     return res, plan, out
 
 
+def _card_destination(enabled: bool, path: Optional[Path], output: Path, force: bool) -> Optional[Path]:
+    """The model card's path, checked before any work so a refusal costs nothing."""
+    if not enabled:
+        return None
+    from .model_card import card_path, check_card_writable
+    dest = card_path(path if path is not None else output)
+    check_card_writable(dest, force=force)
+    return dest
+
+
+def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, quant_type: Optional[str] = None,
+                smoke: Optional[dict[str, Any]] = None) -> None:
+    if dest is None:
+        return
+    import shlex
+    from .model_card import render_model_card, write_model_card
+    try:
+        card = render_model_card(paths, sources=res.models, recipe_yaml=p.recipe.to_yaml(), smoke=smoke,
+                                 quant_type=quant_type, command_line=shlex.join(["gguf-upscale", *sys.argv[1:]]))
+        written = write_model_card(card, dest, force=force)
+    except UpscaleError as e:
+        raise UpscaleError(f"the output was written, but not its model card: {e}") from None
+    typer.echo(f"  {written} (model card)")
+
+
 def command(fn):
     """Register a command whose domain errors become one `error: ...` line and a non-zero exit."""
 
@@ -85,8 +114,8 @@ def command(fn):
                 traceback.print_exc()
             _echo_err(f"error: {e}")
             raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            _echo_err("error: interrupted; no output was left behind")
+        except KeyboardInterrupt as e:  # the writer says what became of the output
+            _echo_err("error: interrupted" + (f"; {e}" if str(e) else ""))
             raise typer.Exit(130) from None
         except Exception as e:  # noqa: BLE001 - last resort: one line unless --debug
             if STATE["debug"]:
@@ -104,9 +133,8 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
     """Validate a recipe against the source and show the layer map, size and memory needed (dry run)."""
     res, p, out = _prepare(source, slices, config, preset, model)
     first = res.models[p.embed_model]
-    n_head = int(first.arch_get("attention.head_count") or 1)
-    n_head_kv = first.arch_get("attention.head_count_kv", n_head)
-    n_head_kv = int(max(n_head_kv) if isinstance(n_head_kv, list) else n_head_kv)
+    n_head = _widest(first.arch_get("attention.head_count"), 1)
+    n_head_kv = _widest(first.arch_get("attention.head_count_kv"), n_head)
     n_embd = int(first.arch_get("embedding_length") or 0)
     head_dim = int(first.arch_get("attention.key_length") or (n_embd // max(n_head, 1)))
     n_params = sum(t.source.n_elements for t in out.tensors)
@@ -134,6 +162,13 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
         typer.echo(f"  {t:<8} {human_bytes(size):>10}   RAM ~{human_bytes(stats.ram[t])}")
 
 
+def _widest(value: Any, default: int) -> int:
+    """A head count stored as a scalar or per layer (the widest layer sizes the KV cache)."""
+    values = value if isinstance(value, list) else [value]
+    nums = [int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0]
+    return max(nums) if nums else default
+
+
 @command
 def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, config: Optional[str] = ConfigOpt,
             preset: Optional[str] = PresetOpt, model: Optional[list[str]] = ModelOpt,
@@ -141,20 +176,24 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
             split_max_size: Optional[str] = typer.Option(None, "--split-max-size",
                                                          help="Split output into shards of at most this size (K/M/G, decimal)."),
             name: Optional[str] = typer.Option(None, "--name", help="general.name of the output."),
-            force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+            force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and its model card)."),
+            model_card: bool = CardOpt, model_card_path: Optional[Path] = CardPathOpt,
             quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary.")) -> None:
     """Write the upscaled GGUF with tensor types unchanged (no re-quantization)."""
     res, p, out = _prepare(source, slices, config, preset, model, name)
     split = parse_size(split_max_size) if split_max_size else 0
     writer = GGUFOutput(out, output, split_max_size=split, force=force, inputs=res.input_paths)
-    with TensorReader() as reader:
-        paths = writer.write(lambda t, sink: emit(t, reader, sink), BarProgress("upscaling"))
+    writer.check()  # the output's own refusals come first, then the card's
+    card = _card_destination(model_card, model_card_path, output, force)
+    with TensorReader() as reader, Emitter(reader) as emitter:
+        paths = writer.write(emitter, BarProgress("upscaling"))
     if not quiet:
         ops = type_counts([t.op for t in out.tensors])
         typer.echo(f"wrote {p.block_count} layers, {len(out.tensors)} tensors ({', '.join(f'{v} {k}' for k, v in ops.items())}), "
                    f"{human_bytes(out.n_bytes)}")
         for pth in paths:
             typer.echo(f"  {pth}")
+    _write_card(card, paths, res, p, force)
 
 
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="Worker threads (default: all cores).")
@@ -229,8 +268,9 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
         threads: Optional[int] = ThreadsOpt,
         split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split output into shards of at most this size (K/M/G)."),
         name: Optional[str] = typer.Option(None, "--name", help="general.name of the output."),
-        force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
+        force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and its model card)."),
         no_smoke: bool = typer.Option(False, "--no-smoke", help="Skip the smoke test."),
+        model_card: bool = CardOpt, model_card_path: Optional[Path] = CardPathOpt,
         verbose: bool = VerboseOpt) -> None:
     """One pass: upscale, quantize each distinct tensor once (copies reuse the bytes), smoke-test."""
     from .pipeline import (check_imatrix_coverage, parse_imatrix_options, requantize_warning,
@@ -253,20 +293,25 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
                         mode=mixture, plan=p, models=res.models)  # type: ignore[arg-type]
     entries = source_imatrix_lookup(qout, p, ims)
     check_imatrix_coverage(qout, qtype, entries)
+    split = parse_size(split_max_size) if split_max_size else 0
+    GGUFOutput(qout, output, split_max_size=split, force=force, inputs=res.input_paths).check()
+    card = _card_destination(model_card, model_card_path, output, force)
     paths, stats = write_quantized(qout, output, inputs=res.input_paths, entries=entries, n_threads=_threads(threads),
-                                   split_max_size=parse_size(split_max_size) if split_max_size else 0, force=force,
+                                   split_max_size=split, force=force,
                                    progress=BarProgress("upscale+quantize"), log=log)
     typer.echo(f"wrote {p.block_count} layers ({mixture} mixture)")
     _quant_summary(stats, sum(t.source.n_bytes for t in out.tensors), paths, qtype.name)
     if no_smoke:
+        _write_card(card, paths, res, p, force, quant_type=qtype.name)
         return
     from .smoke import run_smoke
     ref = res.models[p.embed_model].path
     try:
         rep = run_smoke(paths[0], reference=ref, n_threads=_threads(threads))
     except UpscaleError as e:
-        raise UpscaleError(f"the output was written but failed its smoke test: {e}") from None
+        raise UpscaleError(f"the output was written but failed its smoke test (no model card written): {e}") from None
     _print_smoke(rep)
+    _write_card(card, paths, res, p, force, quant_type=qtype.name, smoke=rep.to_dict())
 
 
 def _print_smoke(rep) -> None:
@@ -344,6 +389,22 @@ def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", hel
 
 
 @command
+def verify(file: str = typer.Argument(..., metavar="OUT.gguf", help="An upscaled GGUF (any shard of a set)."),
+           source: Optional[list[str]] = typer.Option(None, "--source", help="Source GGUF it was made from (repeatable; default: the recorded file names next to OUT or in the current folder)."),
+           model: Optional[list[str]] = typer.Option(None, "--model", help="NAME=PATH for a model named in the recorded recipe (repeatable)."),
+           imatrix: Optional[list[str]] = typer.Option(None, "--imatrix", help="The importance matrix the output was quantized with (FILE or NAME=FILE, as given to run)."),
+           threads: Optional[int] = ThreadsOpt,
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout.")) -> None:
+    """Check every tensor of an upscaled GGUF against its sources and the recipe recorded in it."""
+    from .verify import format_report, verify_file
+    rep = verify_file(file, sources=source, models=model, imatrix=imatrix, n_threads=_threads(threads),
+                      progress=BarProgress("verifying"))
+    typer.echo(json.dumps(rep.to_dict(), indent=2) if as_json else format_report(rep))
+    if not rep.ok:
+        raise UpscaleError(f"{rep.path}: {rep.problems_total} problem(s) found")
+
+
+@command
 def inspect(file: str = typer.Argument(..., metavar="FILE.gguf", help="A GGUF file or any shard of a set."),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable summary on stdout.")) -> None:
     """Show a GGUF's metadata summary, tensor types and recorded layer lineage."""
@@ -376,12 +437,16 @@ def inspect(file: str = typer.Argument(..., metavar="FILE.gguf", help="A GGUF fi
 
 
 def _base_models(kv: dict[str, Any]) -> list[dict[str, Any]]:
-    n = int(kv.get("general.base_model.count") or 0)
-    out = []
-    for i in range(n):
-        prefix = f"general.base_model.{i}."
-        out.append({k[len(prefix):]: v for k, v in kv.items() if k.startswith(prefix)})
-    return out
+    """`general.base_model.{i}.*` grouped by i, in one pass (a hostile count costs nothing)."""
+    count = kv.get("general.base_model.count")
+    n = count if isinstance(count, int) and not isinstance(count, bool) else 0
+    out: dict[int, dict[str, Any]] = {}
+    for k, v in kv.items():
+        if k.startswith("general.base_model.") and k != "general.base_model.count":
+            idx, _, field = k[len("general.base_model."):].partition(".")
+            if idx.isdigit() and int(idx) < n and field:
+                out.setdefault(int(idx), {})[field] = v
+    return [out[i] for i in sorted(out)]
 
 
 def _lineage_text(lineage: dict[str, Any]) -> str:
@@ -395,8 +460,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def main() -> None:
-    """Entry point. SIGTERM is turned into KeyboardInterrupt so writers clean up as on Ctrl-C."""
+    """Entry point. SIGTERM is turned into KeyboardInterrupt so writers clean up as on Ctrl-C; a file
+    size limit (ulimit -f) makes writes fail with EFBIG, reported as errors, instead of killing us."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     app()
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION, GGUFValueType
+from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION
 
 from . import ggml, llama_log
 from .errors import QuantizeError
@@ -288,53 +288,31 @@ def tensor_nbytes(ggml_type: int, shape: Sequence[int]) -> int:
     return n
 
 
-_SCALAR_DTYPES: dict[GGUFValueType, str] = {
-    GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
-    GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
-    GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "<u1", GGUFValueType.UINT64: "<u8",
-    GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
-}
-
-
 def _pad(n: int, alignment: int) -> int:
     return -(-n // alignment) * alignment
 
 
-def _gguf_str(s: str | bytes) -> bytes:
-    b = s.encode() if isinstance(s, str) else bytes(s)
-    return struct.pack("<Q", len(b)) + b
-
-
-def _gguf_value(value: object, vtype: GGUFValueType, sub_type: GGUFValueType | None) -> bytes:
-    """One metadata value, typed exactly as given (gguf-py's writer packs big vocabularies slowly)."""
-    if vtype == GGUFValueType.STRING:
-        return _gguf_str(value)  # type: ignore[arg-type]
-    if vtype == GGUFValueType.ARRAY:
-        items = list(value)  # type: ignore[call-overload]
-        if sub_type is None or sub_type == GGUFValueType.ARRAY:
-            raise QuantizeError("nested or untyped metadata arrays are not supported")
-        head = struct.pack("<IQ", sub_type, len(items))
-        if sub_type == GGUFValueType.STRING:
-            return head + b"".join(_gguf_str(x) for x in items)
-        return head + np.asarray(items).astype(_SCALAR_DTYPES[sub_type]).tobytes()
-    return np.asarray(value).astype(_SCALAR_DTYPES[vtype]).tobytes()
-
-
 def _write_skeleton(path: Path, tensors: Sequence[TensorInfo], kvs: Iterable[KV]) -> None:
     """A GGUF with the real header and a sparse, all-zero data area (llama.cpp only checks its bounds)."""
+    from .writer import pack_kv  # the one header serializer; imported here to keep module loading light
     kv_list = [kv for kv in kvs if not kv.key.startswith("split.")]
     alignment = next((int(kv.value) for kv in kv_list if kv.key == "general.alignment"), GGUF_DEFAULT_ALIGNMENT)
     parts = [struct.pack("<4sIQQ", b"GGUF", GGUF_VERSION, len(tensors), len(kv_list))]
-    for kv in kv_list:
-        parts += [_gguf_str(kv.key), struct.pack("<I", kv.vtype), _gguf_value(kv.value, kv.vtype, kv.sub_type)]
+    parts += [pack_kv(kv) for kv in kv_list]
     offset = 0
     for t in tensors:
-        parts += [_gguf_str(t.name), struct.pack(f"<I{len(t.shape)}QIQ", len(t.shape), *t.shape, t.ggml_type, offset)]
+        name = t.name.encode()
+        parts += [struct.pack("<Q", len(name)), name,
+                  struct.pack(f"<I{len(t.shape)}QIQ", len(t.shape), *t.shape, t.ggml_type, offset)]
         offset += _pad(tensor_nbytes(t.ggml_type, t.shape), alignment)
     header = b"".join(parts)
-    with open(path, "wb") as f:
-        f.write(header)
-        f.truncate(_pad(len(header), alignment) + offset)
+    try:
+        with open(path, "wb") as f:
+            f.write(header)
+            f.truncate(_pad(len(header), alignment) + offset)
+    except OSError as e:  # full temp disk, file size limit: the dry run needs a (sparse) model-sized file
+        raise QuantizeError(f"{path.parent}: cannot write the header-only model llama.cpp's dry run reads "
+                            f"({e.strerror or e}); set TMPDIR to a folder on another filesystem") from None
 
 
 def target_types(tensors: Sequence[TensorInfo], kvs: Iterable[KV], ftype: str | int | QuantType, *,
