@@ -186,6 +186,10 @@ slices:
     run("upscale", "--config", cfg, "--model", f"src={src}", "-o", zero)
     assert metadata(zero)["llama.expert_count"] == 4
     np.testing.assert_array_equal(_logits(zero, tokens), ref)
+    pro = tmp_path / "pro.gguf"  # the preset zeroes the experts' down projections too
+    run("upscale", src, "--preset", "llama-pro:every=2", "-o", pro)
+    assert metadata(pro)["llama.block_count"] == 6
+    np.testing.assert_array_equal(_logits(pro, tokens), ref)
     over = tmp_path / "overlap.gguf"
     run("upscale", src, "--preset", "overlap-halves", "-o", over)
     assert np.isfinite(_logits(over, tokens)).all()

@@ -12,8 +12,11 @@ from typing import Any, Callable
 from .errors import RecipeError
 from .recipe import MergeConfig, Recipe, normalize_config
 
+# What writes into the residual stream: attention output and FFN down projection; for
+# Mixtral-style experts mergekit sees the latter as block_sparse_moe.experts.w2.
 ZERO_OUT_RESIDUAL = {"scale": [{"filter": "o_proj", "value": 0.0},
                                {"filter": "down_proj", "value": 0.0},
+                               {"filter": "experts.w2", "value": 0.0},
                                {"value": 1.0}]}
 
 
