@@ -10,11 +10,9 @@ once: a duplicated layer is copied from the first copy already in the output fil
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Literal
 
@@ -29,7 +27,7 @@ from .output import OutputModel, OutTensor
 from .plan import Plan, global_source
 from .quant_types import QuantType
 from .source import KV, SourceModel, TensorReader, row_bytes
-from .tensor_data import scaled_rows
+from .tensor_data import FirstCopies, scaled_rows
 
 GGML_QNT_VERSION = 2
 F32_CHUNK_BYTES = 64 * 1024 * 1024  # rows read and converted per slab (as float32); bounds memory
@@ -115,8 +113,7 @@ class QuantEmitter:
         self.imatrix_name = imatrix_names or (lambda t: t.name)
         self.log = log
         self.stats = QuantStats()
-        self._first: dict[tuple, tuple[Path, int, str]] = {}
-        self._fds: dict[Path, int] = {}
+        self._copies = FirstCopies()
         self._index = 0
         self.total = 0
         self._pool = ThreadPoolExecutor(self.n_threads) if self.n_threads > 1 else None
@@ -124,12 +121,9 @@ class QuantEmitter:
     def __call__(self, t: OutTensor, sink) -> None:
         self._index += 1
         src = t.source
-        key = t.content_key
-        first = self._first.get(key)
+        first_name = self._copies.copy_if_seen(t, sink)
         how: str
-        if first is not None:
-            path, offset, first_name = first
-            sink.copy_from(self._fd(path), offset, t.size)
+        if first_name is not None:
             self.stats.reused += 1
             how = f"same as {first_name}"
         else:
@@ -145,26 +139,18 @@ class QuantEmitter:
                 self.stats.seconds_quantizing += time.perf_counter() - t0
                 self.stats.quantized += 1
                 how = f"quantized to {t.type.name}"
-            self._first[key] = (sink.path, start, t.name)
+            self._copies.record(t, sink.path, start)
         self.stats.bytes_in += src.n_bytes
         self.stats.bytes_out += t.size
         if self.log is not None:
             self.log(f"[{self._index:4d}/{self.total:4d}] {t.name:<36} {src.ggml_type.name:>6} -> {t.type.name:<6} "
                      f"{src.n_bytes / 2**20:9.2f} MiB -> {t.size / 2**20:9.2f} MiB  {how}")
 
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._copies.close()
 
     def _quantized_chunks(self, t: OutTensor):
         """Rows of `t` in its target type, a bounded slab at a time (quantization is per row, so

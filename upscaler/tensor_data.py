@@ -97,6 +97,36 @@ def emit(t: OutTensor, reader: TensorReader, sink: Sink) -> None:
     raise UpscaleError(f"{t.name}: operation {t.op!r} is not produced by the upscaler writer")
 
 
+class FirstCopies:
+    """Where each distinct content (OutTensor.content_key) was first written in the output, so a
+    duplicate is copied from there (in the kernel; cloned on reflink filesystems) instead of
+    being produced again. Keeps read-only fds on the output files; close() releases them."""
+
+    def __init__(self) -> None:
+        self._first: dict[tuple, tuple[Path, int, str]] = {}
+        self._fds: dict[Path, int] = {}
+
+    def copy_if_seen(self, t: OutTensor, sink) -> str | None:
+        """Copy `t` from its first copy into `sink` and return that copy's tensor name, or None."""
+        first = self._first.get(t.content_key)
+        if first is None:
+            return None
+        path, offset, name = first
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        sink.copy_from(fd, offset, t.size)
+        return name
+
+    def record(self, t: OutTensor, path: Path, offset: int) -> None:
+        self._first[t.content_key] = (path, offset, t.name)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
 class Emitter:
     """`emit` for the writer, with duplicated tensors copied from their first copy in the output.
 
@@ -106,31 +136,18 @@ class Emitter:
     def __init__(self, reader: TensorReader) -> None:
         self.reader = reader
         self.reused = 0
-        self._first: dict[tuple, tuple[Path, int]] = {}
-        self._fds: dict[Path, int] = {}
+        self._copies = FirstCopies()
 
     def __call__(self, t: OutTensor, sink) -> None:
-        key = t.content_key
-        first = self._first.get(key)
-        if first is not None:
-            path, offset = first
-            sink.copy_from(self._fd(path), offset, t.size)
+        if self._copies.copy_if_seen(t, sink) is not None:
             self.reused += 1
             return
         start = sink.position()
         emit(t, self.reader, sink)
-        self._first[key] = (sink.path, start)
-
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        return fd
+        self._copies.record(t, sink.path, start)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._copies.close()
 
     def __enter__(self) -> "Emitter":
         return self
