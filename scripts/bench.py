@@ -243,7 +243,7 @@ def bench_quantize(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
         ref.unlink(missing_ok=True)
         return run_measured(llama_quantize_cmd(src, ref, qtype, threads))
 
-    ref_m, ours_m = interleaved(2, ref_run, ours_run)
+    ref_m, ours_m = interleaved(3, ref_run, ours_run)
     identical = same_bytes(ours, ref)
     ours.unlink(missing_ok=True)
     ref.unlink(missing_ok=True)
