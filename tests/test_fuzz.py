@@ -647,13 +647,28 @@ CLI_SAMPLE = [
     ("flip:upscaled:3", "inspect"), ("shards:missing-shard-1", "inspect"), ("shards:shard-2-from-other-set", "plan"),
     ("shards:shards-2-3-swapped", "upscale"), ("shards:set-intact-given-shard-2", "upscale"),
     ("flip:data:0", "upscale"),
+    # the commands that hand files to llama.cpp or recompute them: our reader guards them too
+    ("truncate:20", "smoke"), ("struct:tensor-type-42", "smoke"), ("extreme:dim.first=0x8000000000000000", "smoke"),
+    ("shards:shards-2-3-swapped", "smoke"), ("flip:header:5", "smoke"), ("flip:data:0", "smoke"),
+    ("struct:dup-key-other-value", "quantize"), ("extreme:value:llama.block_count=0xffffffff", "quantize"),
+    ("struct:offset-gap", "quantize"), ("flip:data:0", "quantize"),
+    ("flip:upscaled:3", "verify"), ("truncate:20", "verify"), ("shards:missing-shard-1", "verify"),
+    ("struct:block-count-string", "run"), ("extreme:tensor_count=0x7fffffffffffffff", "run"), ("flip:data:0", "run"),
 ]
 
 
 def _cli_args(command: str, entry: Path, out: Path) -> list[object]:
     return {"inspect": ["inspect", entry], "inspect-json": ["inspect", entry, "--json"],
             "plan": ["plan", entry, "--slices", SLICES],
-            "upscale": ["upscale", entry, "--slices", SLICES, "-o", out]}[command]
+            "upscale": ["upscale", entry, "--slices", SLICES, "-o", out],
+            "run": ["run", entry, "--slices", SLICES, "-o", out, "--no-smoke", "--threads", "1"],
+            "quantize": ["quantize", entry, "-o", out, "--threads", "1"],
+            "smoke": ["smoke", entry, "--n-predict", "2", "--ctx", "64", "--threads", "1"],
+            "verify": ["verify", entry]}[command]
+
+
+# what a successful command leaves beside its inputs
+CLI_OUTPUTS = {"upscale": ["out.gguf", "out.md"], "run": ["out.gguf", "out.md"], "quantize": ["out.gguf"]}
 
 
 def test_cli_sample_one_line_errors(fx: Fixtures, tmp_path: Path) -> None:
@@ -690,7 +705,7 @@ def test_cli_sample_one_line_errors(fx: Fixtures, tmp_path: Path) -> None:
             if seconds > 20:
                 problems.append(f"{where}: took {seconds:.0f} s")
             left = sorted(set(p.name for p in folder.iterdir()) - set(case.files))
-            if left != (["out.gguf", "out.md"] if proc.returncode == 0 and command == "upscale" else []):
+            if left != (CLI_OUTPUTS.get(command, []) if proc.returncode == 0 else []):
                 problems.append(f"{where}: left behind {left}")
     assert not problems, "\n".join(problems)
     assert sum(1 for _ in CLI_SAMPLE) >= 20

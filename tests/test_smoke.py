@@ -15,7 +15,7 @@ from gguf import GGUFReader
 
 from modelfactory import make_model
 from upscaler import llama_log, smoke
-from upscaler.errors import SmokeError
+from upscaler.errors import SmokeError, UpscaleError
 from upscaler.smoke import SmokeReport, run_smoke
 
 # Small windows and few tokens keep every run well under a second on the 4-layer fixture.
@@ -191,22 +191,31 @@ def test_chat_mode_uses_the_models_template(tiny_llama: Path, tmp_path: Path) ->
 # --------------------------------------------------------------------------- failures
 
 
-def test_garbage_file_is_a_smoke_error(tmp_path: Path) -> None:
+def test_garbage_file_is_refused_before_llama_cpp(tmp_path: Path) -> None:
     bad = tmp_path / "garbage.gguf"
     bad.write_bytes(os.urandom(4096))
-    with pytest.raises(SmokeError, match=r"model .*garbage\.gguf failed to load: invalid magic"):
+    with pytest.raises(UpscaleError, match=r"garbage\.gguf: not a GGUF file \(bad magic\)"):
         run_smoke(bad, **FAST)
 
 
-def test_truncated_file_quotes_llama_cpp(tiny_llama: Path, tmp_path: Path) -> None:
+def test_truncated_file_is_refused_before_llama_cpp(tiny_llama: Path, tmp_path: Path) -> None:
+    """Our strict reader sees every file first: one line naming the file, for model and reference."""
     cut = tmp_path / "cut.gguf"
     data = tiny_llama.read_bytes()
     cut.write_bytes(data[: len(data) // 2])
-    with pytest.raises(SmokeError, match="not within the file bounds") as e:
+    with pytest.raises(UpscaleError, match=r"cut\.gguf: tensor .* lies beyond the end of the file") as e:
         run_smoke(cut, **FAST)
     assert "\n" not in str(e.value)
-    with pytest.raises(SmokeError, match="reference .* failed to load"):
+    with pytest.raises(UpscaleError, match=r"cut\.gguf: tensor .* beyond the end"):
         run_smoke(tiny_llama, reference=cut, **FAST)
+
+
+def test_llama_cpp_refusal_is_quoted(tmp_path: Path) -> None:
+    """A well-formed GGUF llama.cpp still refuses (a required key missing): its reason, one line."""
+    model = make_model(tmp_path / "no-embd.gguf", extra_kv={"llama.embedding_length": None})
+    with pytest.raises(SmokeError, match=r"model .*no-embd\.gguf failed to load: .*llama\.embedding_length") as e:
+        run_smoke(model, **FAST)
+    assert "\n" not in str(e.value)
 
 
 def test_missing_file(tmp_path: Path) -> None:

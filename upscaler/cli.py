@@ -240,6 +240,7 @@ def quantize(input: str = typer.Argument(..., metavar="IN.gguf", help="A GGUF fi
     qtype = parse_quant_type(type_)
     log = _tensor_logger(verbose)
     model = SourceModel(input)
+    model.check_loadable()
     warn = requantize_warning([model])
     if warn:
         _warn([warn])

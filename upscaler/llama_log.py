@@ -139,6 +139,8 @@ def capture() -> Iterator[list[str]]:
 # error loading model: ...", then "... failed to load model"); the earliest specific one wins.
 _GENERIC = re.compile(r"failed to load model\s*$|failed to initialize the context|^\s*$", re.IGNORECASE)
 _ERRORISH = re.compile(r"error|failed|invalid|cannot|unable|unknown|not supported|missing|wrong|out of memory", re.IGNORECASE)
+# llama.cpp's informational dump of the file: key/values, type counts, model facts
+_DUMP = re.compile(r"^\s*(?:llama_model_loader: - |print_info: |llama_model_loader: Dumping)")
 _PREFIX = re.compile(r"^(?:[\w:.~<>]+: )+")  # "llama_model_load: error loading model: " style prefixes
 
 
@@ -148,6 +150,7 @@ def reason(lines: Sequence[str]) -> str | None:
     Prefers the first error-looking line that is not a generic "failed to load model"
     trailer, and strips llama.cpp's ``function_name:`` prefixes so it reads as a sentence.
     """
+    lines = [ln for ln in lines if not _DUMP.search(ln)]  # metadata values may hold any word
     candidates = [ln.strip() for ln in lines if _ERRORISH.search(ln) and not _GENERIC.search(ln)]
     if not candidates:
         generic = [ln.strip() for ln in lines if _ERRORISH.search(ln)]

@@ -28,6 +28,7 @@ from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION
 
 from . import ggml, llama_log
 from .errors import QuantizeError
+from .llama_limits import load_problem
 from .quant_types import QuantType, parse_quant_type
 from .source import KV
 
@@ -330,6 +331,11 @@ def target_types(tensors: Sequence[TensorInfo], kvs: Iterable[KV], ftype: str | 
     if len(set(names)) != len(names):
         raise QuantizeError("duplicate tensor names in the model")
     qtype = parse_quant_type(ftype)
+    kvs = list(kvs)
+    values = {kv.key: kv.value for kv in kvs}
+    problem = load_problem(values, str(values.get("general.architecture")))
+    if problem:  # llama.cpp would abort the process, not raise
+        raise QuantizeError(f"llama.cpp cannot load this model: {problem}")
     # an empty imatrix array is enough to switch llama.cpp's has_imatrix rules on
     params = _Params(qtype, n_threads=1, imatrix={} if imatrix else None, allow_requantize=True,
                      mixture=mixture or Mixture(), kv_overrides={}, dry_run=True)

@@ -14,6 +14,7 @@ from typing import Any
 from . import archs
 from .errors import RecipeError
 from .recipe import Recipe, lookup_parameter
+from .llama_limits import LLAMA_MAX_LAYERS
 from .source import SourceModel, SourceTensor
 
 # GGUF tensor kind -> the HF name mergekit filters see (llama naming; most archs share it)
@@ -237,6 +238,8 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
         if name not in models:
             raise RecipeError(f"recipe names model {name!r}, which was not given (use --model {name}=PATH)")
     used = {n: models[n] for n in recipe.model_names()}
+    for m in used.values():
+        m.check_loadable()
     recipe = _whole_model_ranges(recipe, used)
     first = next(iter(used.values()))
     arch = first.arch
@@ -265,8 +268,9 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
             layers.append(OutputLayer(len(layers), src.model, layer, si, scales))
     if not layers:
         raise RecipeError("the recipe produces no layers")
-    if len(layers) > 65535:
-        raise RecipeError(f"the recipe produces {len(layers)} layers; llama.cpp cannot load that many")
+    if len(layers) > LLAMA_MAX_LAYERS:
+        raise RecipeError(f"the recipe produces {len(layers)} layers; llama.cpp loads at most {LLAMA_MAX_LAYERS} "
+                          "(LLAMA_MAX_LAYERS) and aborts on more")
     archs.check_layout(arch, used, [(l.model, l.source_layer) for l in layers])
 
     plan = Plan(recipe=recipe, arch=arch,

@@ -196,6 +196,19 @@ def _detokenize(vocab: Any, tokens: Sequence[int]) -> str:
     return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data, final=False)
 
 
+def checked_model_path(path: str | Path, what: str) -> Path:
+    """The file llama.cpp should load (the first shard of a set), after our strict header reader
+    accepted every shard: a truncated or crafted file becomes a one-line error naming it here,
+    instead of reaching llama.cpp's own parser."""
+    from .source import SourceModel
+
+    if not Path(path).exists():
+        raise SmokeError(f"{what} {path}: no such file")
+    model = SourceModel(path)
+    model.check_loadable(run=True)
+    return model.path
+
+
 def _vocab_only_tokens(path: str | Path, text: str) -> tuple[list[int], int]:
     """Tokenize with a model's vocab without loading its weights (cheap early mismatch check)."""
     import llama_cpp
@@ -526,10 +539,10 @@ def run_smoke(
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     llama_log.install(llama_log.is_verbose())
 
+    model_path = checked_model_path(model_path, "model")
     ref_tokens: list[int] | None = None
     if reference is not None:
-        if not Path(reference).is_file():
-            raise SmokeError(f"reference {reference}: no such file")
+        reference = checked_model_path(reference, "reference")
         ref_tokens, ref_n_vocab = _vocab_only_tokens(reference, text)
 
     t = time.perf_counter()

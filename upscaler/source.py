@@ -141,6 +141,15 @@ class SourceModel:
         if "general.architecture" not in self.kvs:
             raise SourceError(f"{self.path}: no general.architecture key; not a model file")
 
+    def check_loadable(self, *, run: bool = False) -> None:
+        """Refuse metadata llama.cpp would abort on (an assertion, not an error), naming the file;
+        `run`: also what the architecture's graph asserts when the model runs."""
+        from .llama_limits import load_problem, run_problem
+        values = {k: kv.value for k, kv in self.kvs.items()}
+        problem = (run_problem if run else load_problem)(values, self.arch)
+        if problem:
+            raise SourceError(f"{self.path}: {problem}")
+
     def _check_shard(self, p: Path, i: int, expected_count: int, kvs: dict[str, KV]) -> None:
         no, count = kvs.get("split.no"), kvs.get("split.count")
         if no is None or count is None:
