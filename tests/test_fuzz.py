@@ -650,6 +650,9 @@ CLI_SAMPLE = [
     # the commands that hand files to llama.cpp or recompute them: our reader guards them too
     ("truncate:20", "smoke"), ("struct:tensor-type-42", "smoke"), ("extreme:dim.first=0x8000000000000000", "smoke"),
     ("shards:shards-2-3-swapped", "smoke"), ("flip:header:5", "smoke"), ("flip:data:0", "smoke"),
+    ("extreme:value:general.alignment=0x1", "smoke"),  # unaligned mapped data: ggml asserts
+    ("flip:header:52", "smoke"),  # a byte token renamed: llama.cpp's byte fallback throws through its C API
+    ("struct:tensor-count-short", "smoke"),  # loads, computes NaN: the message names the file
     ("struct:dup-key-other-value", "quantize"), ("extreme:value:llama.block_count=0xffffffff", "quantize"),
     ("struct:offset-gap", "quantize"), ("flip:data:0", "quantize"),
     ("flip:upscaled:3", "verify"), ("truncate:20", "verify"), ("shards:missing-shard-1", "verify"),

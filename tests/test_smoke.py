@@ -237,12 +237,12 @@ def test_non_finite_logits_name_the_token(tiny_llama: Path, tmp_path: Path, load
     assert tokens.index(dog) > 40 and dog not in smoke._tokenize(vocab, clean)
     bad = _poisoned_copy(tiny_llama, tmp_path / "nan.gguf", dog)
     run_smoke(bad, prompt="hello", text=clean, **FAST)  # fine while the token is never seen
-    with pytest.raises(SmokeError, match=r"^model produced non-finite logits at token (\d+)$") as e:
+    with pytest.raises(SmokeError, match=r"^model nan\.gguf produced non-finite logits at token (\d+)$") as e:
         run_smoke(bad, prompt="hello", text=text, **FAST)
     first_bad = int(str(e.value).rsplit(" ", 1)[1])
     assert FAST["n_ctx"] // 2 <= first_bad <= tokens.index(dog)  # the first half-window decoded cleanly
     # Generation only asks for the prompt's last row: [<s>, ▁hello, ▁the, ▁dog] -> token 3.
-    with pytest.raises(SmokeError, match=r"^model produced non-finite logits at token 3$"):
+    with pytest.raises(SmokeError, match=r"^model nan\.gguf produced non-finite logits at token 3$"):
         run_smoke(bad, prompt="hello the dog", text=clean, **FAST)
 
 

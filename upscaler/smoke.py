@@ -196,17 +196,39 @@ def _detokenize(vocab: Any, tokens: Sequence[int]) -> str:
     return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data, final=False)
 
 
-def checked_model_path(path: str | Path, what: str) -> Path:
+def checked_model_path(path: str | Path, what: str, text: str = "") -> Path:
     """The file llama.cpp should load (the first shard of a set), after our strict header reader
-    accepted every shard: a truncated or crafted file becomes a one-line error naming it here,
-    instead of reaching llama.cpp's own parser."""
+    accepted every shard and nothing in it would make llama.cpp abort: a truncated or crafted
+    file becomes a one-line error naming it here, instead of a crash in llama.cpp."""
     from .source import SourceModel
 
     if not Path(path).exists():
         raise SmokeError(f"{what} {path}: no such file")
     model = SourceModel(path)
     model.check_loadable(run=True)
+    missing = _missing_byte_token(model, text)
+    if missing is not None:
+        raise SmokeError(f"{what} {model.path}: its vocabulary has no byte token <0x{missing:02X}>, which llama.cpp's "
+                         "tokenizer needs for this text (a missing one makes it abort)")
     return model.path
+
+
+_BYTE_FALLBACK_VOCABS = ("llama", "t5", "plamo2")  # SPM, UGM, PLaMo-2: byte_to_token uses map::at
+
+
+def _missing_byte_token(model: Any, text: str) -> int | None:
+    """A byte of `text` llama.cpp's byte fallback could not map (it throws through the C API)."""
+    if model.get("tokenizer.ggml.model") not in _BYTE_FALLBACK_VOCABS:
+        return None
+    tokens = model.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list):
+        return None
+    known = set(tokens)
+    for b in sorted(set(text.encode("utf-8"))):
+        plain_ok = model.get("tokenizer.ggml.model") != "plamo2" and b < 0x80 and chr(b) in known
+        if f"<0x{b:02X}>" not in known and not plain_ok:
+            return b
+    return None
 
 
 def _vocab_only_tokens(path: str | Path, text: str) -> tuple[list[int], int]:
@@ -293,7 +315,7 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- generation
 
 
-def _generate(llm: Any, prompt: str, n_predict: int) -> tuple[str, int]:
+def _generate(llm: Any, prompt: str, n_predict: int, what: str = "model") -> tuple[str, int]:
     """Greedy continuation of the raw prompt; bytes are joined before decoding (see _detokenize)."""
     import llama_cpp
 
@@ -305,7 +327,7 @@ def _generate(llm: Any, prompt: str, n_predict: int) -> tuple[str, int]:
     if len(tokens) >= n_ctx:
         raise SmokeError(f"prompt is {len(tokens)} tokens, does not fit the context of {n_ctx}")
     budget = min(n_predict, n_ctx - len(tokens))
-    dec = _Decoder(llm, "model")
+    dec = _Decoder(llm, what)
     out: list[int] = []
     try:
         dec.clear()
@@ -317,7 +339,7 @@ def _generate(llm: Any, prompt: str, n_predict: int) -> tuple[str, int]:
         pos = len(tokens)
         for _ in range(budget):
             row = logits[-1:].astype(np.float64)
-            _check_finite(row, "model", pos - 1)
+            _check_finite(row, what, pos - 1)
             tok = int(row[0].argmax())
             if llama_cpp.llama_vocab_is_eog(vocab, tok):
                 break
@@ -330,7 +352,7 @@ def _generate(llm: Any, prompt: str, n_predict: int) -> tuple[str, int]:
     return _detokenize(vocab, out), len(out)
 
 
-def _chat(llm: Any, prompt: str, n_predict: int) -> tuple[str, int]:
+def _chat(llm: Any, prompt: str, n_predict: int, what: str = "model") -> tuple[str, int]:
     """One greedy user turn through the model's own chat template (tokenizer.chat_template)."""
     if "tokenizer.chat_template" not in llm.metadata:
         raise SmokeError("model has no chat template (tokenizer.chat_template); run without --chat")
@@ -539,10 +561,12 @@ def run_smoke(
     prompt = DEFAULT_PROMPT if prompt is None else prompt
     llama_log.install(llama_log.is_verbose())
 
-    model_path = checked_model_path(model_path, "model")
+    model_path = checked_model_path(model_path, "model", text + prompt)
+    model_label = f"model {model_path.name}"  # errors from here on name the file they are about
     ref_tokens: list[int] | None = None
     if reference is not None:
-        reference = checked_model_path(reference, "reference")
+        reference = checked_model_path(reference, "reference", text)
+        ref_label = f"reference {reference.name}"
         ref_tokens, ref_n_vocab = _vocab_only_tokens(reference, text)
 
     t = time.perf_counter()
@@ -556,7 +580,11 @@ def run_smoke(
             _check_same_tokens(vocab, ref_tokens, ref_n_vocab, tokens, n_vocab)
 
         t = time.perf_counter()
-        generated, n_generated = (_chat if chat else _generate)(llm, prompt, n_predict)
+        try:
+            generated, n_generated = (_chat if chat else _generate)(llm, prompt, n_predict, model_label)
+        except SmokeError as e:
+            msg = str(e)
+            raise SmokeError(msg if msg.startswith(model_label) else f"{model_label}: {msg}") from None
         timings["generate"] = time.perf_counter() - t
 
         windows = _windows(len(tokens), n_ctx, max_tokens_scored)
@@ -564,7 +592,7 @@ def run_smoke(
         kept = _Kept.allocate(n_scored, n_vocab) if reference is not None else None
         t = time.perf_counter()
         try:
-            scores = _score(llm, tokens, windows, what="model", keep=kept)
+            scores = _score(llm, tokens, windows, what=model_label, keep=kept)
         except BaseException:
             if kept is not None:
                 kept.close()
@@ -577,7 +605,7 @@ def run_smoke(
         text=generated,
         prompt=prompt,
         chat=chat,
-        perplexity=_perplexity(scores, "model"),
+        perplexity=_perplexity(scores, model_label),
         n_tokens_scored=scores.n,
         n_ctx=n_ctx,
         n_vocab=n_vocab,
@@ -590,13 +618,13 @@ def run_smoke(
         try:
             t = time.perf_counter()
             with _open(reference, what="reference", n_ctx=n_ctx, n_threads=n_threads) as ref:
-                ref_scores = _score(ref, tokens, windows, what="reference", against=kept)
+                ref_scores = _score(ref, tokens, windows, what=ref_label, against=kept)
                 report.reference_n_layer, report.reference_n_params = _model_facts(ref)
             timings["reference"] = time.perf_counter() - t
         finally:
             kept.close()
         report.reference = str(reference)
-        report.reference_perplexity = _perplexity(ref_scores, "reference")
+        report.reference_perplexity = _perplexity(ref_scores, ref_label)
         report.kl_divergence = ref_scores.kl_sum / ref_scores.n
         report.kl_divergence_max = ref_scores.kl_max
         report.top1_agreement = ref_scores.n_agree / ref_scores.n

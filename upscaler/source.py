@@ -21,6 +21,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from .errors import SourceError
 from .gguf_header import check_key_types, read_header
 
+TENSOR_ALIGNMENT = 32  # ggml's (ggml-impl.h): mapped tensor buffers must start at a multiple of it
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -149,6 +150,13 @@ class SourceModel:
         problem = (run_problem if run else load_problem)(values, self.arch)
         if problem:
             raise SourceError(f"{self.path}: {problem}")
+        if run:  # llama.cpp maps each file's tensor data as one buffer that ggml asserts is 32-byte aligned
+            for p in self.paths:
+                first = min((t.offset for t in self.tensors.values() if t.path == p), default=0)
+                if first % TENSOR_ALIGNMENT:
+                    raise SourceError(f"{p}: tensor data starts at offset {first}, not a multiple of "
+                                      f"{TENSOR_ALIGNMENT} (general.alignment {self.alignment}); llama.cpp's "
+                                      "memory-mapped loader aborts on that")
 
     def _check_shard(self, p: Path, i: int, expected_count: int, kvs: dict[str, KV]) -> None:
         no, count = kvs.get("split.no"), kvs.get("split.count")
