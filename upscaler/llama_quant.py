@@ -333,7 +333,8 @@ def target_types(tensors: Sequence[TensorInfo], kvs: Iterable[KV], ftype: str | 
     qtype = parse_quant_type(ftype)
     kvs = list(kvs)
     values = {kv.key: kv.value for kv in kvs}
-    problem = load_problem(values, str(values.get("general.architecture")))
+    arch = values.get("general.architecture")
+    problem = load_problem(values, arch) if isinstance(arch, str) else None  # no arch: llama.cpp raises
     if problem:  # llama.cpp would abort the process, not raise
         raise QuantizeError(f"llama.cpp cannot load this model: {problem}")
     # an empty imatrix array is enough to switch llama.cpp's has_imatrix rules on
