@@ -86,7 +86,7 @@ def _card_destination(enabled: bool, path: Optional[Path], output: Path, force: 
 
 
 def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, quant_type: Optional[str] = None,
-                smoke: Optional[dict[str, Any]] = None) -> None:
+                smoke: Optional[dict[str, Any]] = None, quiet: bool = False) -> None:
     if dest is None:
         return
     import shlex
@@ -97,7 +97,8 @@ def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, qu
         written = write_model_card(card, dest, force=force)
     except UpscaleError as e:
         raise UpscaleError(f"the output was written, but not its model card: {e}") from None
-    typer.echo(f"  {written} (model card)")
+    if not quiet:
+        typer.echo(f"  {written} (model card)")
 
 
 def command(fn):
@@ -193,7 +194,7 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
                    f"{human_bytes(out.n_bytes)}")
         for pth in paths:
             typer.echo(f"  {pth}")
-    _write_card(card, paths, res, p, force)
+    _write_card(card, paths, res, p, force, quiet=quiet)
 
 
 ThreadsOpt = typer.Option(None, "--threads", "-t", help="Worker threads (default: all cores).")
