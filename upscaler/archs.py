@@ -169,6 +169,13 @@ _MIXTRAL_HF = {  # llama with experts (Mixtral): mergekit sees block_sparse_moe.
     "ffn_up_exps": "block_sparse_moe.experts.w3",
 }
 
+_QWEN_MOE_HF = {  # Qwen2/3 MoE checkpoints: mlp.gate router, mlp.experts.N.{gate,up,down}_proj
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
+}
+
 SUPPORTED: dict[str, Arch] = {
     a.name: a for a in (
         Arch("llama", "Llama 1/2/3, Mistral, Mixtral-style experts, Yi, Karakuri and other llama-shaped models; "
@@ -196,6 +203,9 @@ SUPPORTED: dict[str, Arch] = {
              swa=SwaRule(4)),
         Arch("mistral3", "Mistral Small 3.x, Magistral, Devstral, Ministral 3 as current convert_hf_to_gguf "
                          "writes them (older conversions are `llama`); llama-shaped", hf_names=_MIXTRAL_HF),
+        Arch("qwen3moe", "Qwen3 MoE (30B-A3B, 235B-A22B): qwen3's layers with a router and stacked experts in "
+                         "every layer, which move with their layer; mergekit's down_proj filter reaches the experts",
+             hf_names=_QWEN_MOE_HF),
         Arch("smollm3", "every 4th layer has no RoPE, hard-coded by position: allowed when every layer keeps "
                         "its kind (slice offsets multiple of 4 apart), refused otherwise",
              checks=(_fixed_kinds("every 4th layer has no RoPE", lambda il, n: int((il + 1) % 4 != 0),
@@ -276,7 +286,7 @@ REFUSED: dict[str, str] = {
         "chameleon", "plm", "arcee", "ernie4_5", "hunyuan-dense", "hunyuan_vl", "seed_oss", "cogvlm", "pangu-embedded",
         "maincoder", "talkie")},
     **{a: _UNTESTED_MOE for a in (
-        "grok", "qwen2moe", "qwen3moe", "phimoe", "dbrx", "olmoe", "arctic", "granitemoe", "hunyuan-moe",
+        "grok", "qwen2moe", "phimoe", "dbrx", "olmoe", "arctic", "granitemoe", "hunyuan-moe",
         "hy_v3", "grovemoe", "minimax-m2")},
     **{a: _UNTESTED_SWA for a in (
         "plamo3", "olmo2", "muse-glimmer", "mellum", "gpt-oss", "mimo2", "step35", "spark2_5", "maple",
