@@ -251,6 +251,8 @@ ARCHS: dict[str, ArchSpec] = {
                  always_tied=True, norm_eps_key="attention.layer_norm_epsilon"),
         ArchSpec("mistral3", _LLAMA_LAYER, lambda d: {"rope.dimension_count": (d.head_dim, U32, None)}),
         ArchSpec("smollm3", _LLAMA_LAYER),  # llama.cpp: every 4th layer without RoPE (hard-coded)
+        # Gemma (1): llama's layers, always tied, embeddings scaled by sqrt(n_embd), norms stored as 1 + w
+        ArchSpec("gemma", _LLAMA_LAYER, _kv_len, always_tied=True),
         # Qwen3 MoE: qwen3's layers, FFN replaced by a router and stacked experts (make_model n_expert > 0)
         ArchSpec("qwen3moe", _LLAMA_LAYER | _QK_NORM,
                  lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None)}),

@@ -27,7 +27,7 @@ TEXT = b"the cat and the dog " * 20  # ~100 tokens: well past the fixtures' 32-t
 FIXTURES: dict[str, tuple[int, dict[str, Any]]] = {
     "llama": (4, {}), "qwen2": (4, {}), "qwen3": (4, {}), "gemma2": (4, {}), "gemma3": (6, {}),
     "phi3": (4, {}), "command-r": (4, {}), "granite": (4, {}), "cohere2": (4, {}), "mistral3": (4, {}),
-    "smollm3": (8, {}), "qwen3moe": (4, {"n_expert": 4, "n_expert_used": 2}),
+    "smollm3": (8, {}), "qwen3moe": (4, {"n_expert": 4, "n_expert_used": 2}), "gemma": (4, {}),
 }
 
 # Every architecture name in the vendored llama.cpp's src/llama-arch.cpp (llama-cpp-python 0.3.36).

@@ -182,6 +182,9 @@ SUPPORTED: dict[str, Arch] = {
                       "rope_freqs (Llama 3) is global and copied", hf_names=_MIXTRAL_HF),
         Arch("qwen2", "QKV biases move with their layer"),
         Arch("qwen3", "per-head q/k norms move with their layer"),
+        Arch("gemma", "Gemma 2B/7B: llama-shaped, tied embeddings; norms stored as 1+w, so scaling them is "
+                      "refused (llama.cpp has no layer-count rule for it)",
+             offset_norms=True),
         Arch("gemma2", "sliding-window layers (every other layer by default) re-expressed as a per-layer "
                        "array; tied embeddings; norms stored as 1+w, so scaling them is refused; "
                        "46 layers means the 27B attention scale in llama.cpp",
@@ -281,7 +284,7 @@ REFUSED: dict[str, str] = {
     # plain stacks, untested
     **{a: _UNTESTED for a in (
         "deci", "falcon", "gpt2", "gptneox", "mpt", "starcoder", "refact", "bloom", "stablelm", "qwen",
-        "qwen2vl", "phi2", "plamo", "codeshell", "orion", "internlm2", "minicpm3", "gemma", "starcoder2",
+        "qwen2vl", "phi2", "plamo", "codeshell", "orion", "internlm2", "minicpm3", "starcoder2",
         "xverse", "olmo", "openelm", "chatglm", "glm4", "bitnet", "jais", "jais2", "nemotron", "exaone",
         "chameleon", "plm", "arcee", "ernie4_5", "hunyuan-dense", "hunyuan_vl", "seed_oss", "cogvlm", "pangu-embedded",
         "maincoder", "talkie")},
