@@ -169,6 +169,7 @@ class ArchSpec:
     shapes: dict[str, ShapeFn] = field(default_factory=dict)
     hf_names: dict[str, str] = field(default_factory=dict)
     norm_gain: dict[str, float] = field(default_factory=dict)  # init scale of some norm weights
+    default_experts: int = 0  # MoE-only architectures: experts when make_model is given none
 
     def shape(self, suffix: str) -> ShapeFn:
         return self.shapes.get(suffix) or _SHAPES[suffix]
@@ -197,6 +198,7 @@ _GEMMA_HF = {
 # unit post-norms the residual stays dominated by the input token and the model
 # predicts its own input almost surely. Louder post-norms restore a spread-out output.
 _GEMMA_GAIN = {"post_attention_norm.weight": 8.0, "post_ffw_norm.weight": 8.0}
+GEMMA1_GAIN = 4.0  # no post-norms in Gemma 1: louder pre-norms let the layers outweigh the scaled input token
 SLIDING_WINDOW = 32  # far below CONTEXT_LENGTH so sliding-window layers really behave differently
 
 
@@ -252,10 +254,11 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("mistral3", _LLAMA_LAYER, lambda d: {"rope.dimension_count": (d.head_dim, U32, None)}),
         ArchSpec("smollm3", _LLAMA_LAYER),  # llama.cpp: every 4th layer without RoPE (hard-coded)
         # Gemma (1): llama's layers, always tied, embeddings scaled by sqrt(n_embd), norms stored as 1 + w
-        ArchSpec("gemma", _LLAMA_LAYER, _kv_len, always_tied=True),
+        ArchSpec("gemma", _LLAMA_LAYER, _kv_len, always_tied=True,
+                 norm_gain={"attn_norm.weight": GEMMA1_GAIN, "ffn_norm.weight": GEMMA1_GAIN}),
         # Qwen3 MoE: qwen3's layers, FFN replaced by a router and stacked experts (make_model n_expert > 0)
         ArchSpec("qwen3moe", _LLAMA_LAYER | _QK_NORM,
-                 lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None)}),
+                 lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None)}, default_experts=4),
     ]
 }
 
@@ -523,6 +526,7 @@ def make_model(
         raise ValueError("seed must be >= 0")
     spec = ARCHS[arch]
     tied = tied or spec.always_tied
+    n_expert = n_expert or spec.default_experts
     dims = Dims(n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab, n_embd_head)
     qtype = DTYPES[dtype][0]
     path = Path(path)
