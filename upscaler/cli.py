@@ -16,7 +16,7 @@ import typer
 
 from . import __version__
 from .errors import UpscaleError
-from .metadata import recorded_lineage
+from .metadata import base_models, recorded_lineage
 from .output import build_output
 from .plan import build_plan
 from .progress import BarProgress
@@ -251,8 +251,9 @@ def quantize(input: str = typer.Argument(..., metavar="IN.gguf", help="A GGUF fi
     out = assign_types(whole_model(model), qtype, imatrix_kvs=im.kvs() if im else None, has_imatrix=im is not None)
     entries = im.entries if im else {}
     check_imatrix_coverage(out, qtype, entries)
-    paths, stats = write_quantized(out, output, inputs=list(model.paths), entries=entries, n_threads=_threads(threads),
-                                   split_max_size=parse_size(split_max_size) if split_max_size else 0, force=force,
+    writer = GGUFOutput(out, output, split_max_size=parse_size(split_max_size) if split_max_size else 0,
+                        force=force, inputs=list(model.paths))
+    paths, stats = write_quantized(writer, entries=entries, n_threads=_threads(threads),
                                    progress=BarProgress("quantizing"), log=log)
     _quant_summary(stats, model.n_bytes, paths, qtype.name)
 
@@ -296,10 +297,10 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
     entries = source_imatrix_lookup(qout, p, ims)
     check_imatrix_coverage(qout, qtype, entries)
     split = parse_size(split_max_size) if split_max_size else 0
-    GGUFOutput(qout, output, split_max_size=split, force=force, inputs=res.input_paths).check()
+    writer = GGUFOutput(qout, output, split_max_size=split, force=force, inputs=res.input_paths)
+    writer.check()  # the output's own refusals come first, then the card's
     card = _card_destination(model_card, model_card_path, output, force)
-    paths, stats = write_quantized(qout, output, inputs=res.input_paths, entries=entries, n_threads=_threads(threads),
-                                   split_max_size=split, force=force,
+    paths, stats = write_quantized(writer, entries=entries, n_threads=_threads(threads),
                                    progress=BarProgress("upscale+quantize"), log=log)
     typer.echo(f"wrote {p.block_count} layers ({mixture} mixture)")
     _quant_summary(stats, sum(t.source.n_bytes for t in out.tensors), paths, qtype.name)
@@ -420,7 +421,7 @@ def inspect(file: str = typer.Argument(..., metavar="FILE.gguf", help="A GGUF fi
         "block_count": m.arch_get("block_count"), "file_type": kv.get("general.file_type"),
         "parameters": m.n_params, "tensor_bytes": m.n_bytes, "tensor_count": len(m.tensors),
         "tensor_types": types, "tied_embeddings": "output.weight" not in m.tensors,
-        "base_models": _base_models(kv), "license": kv.get("general.license"), "lineage": lineage,
+        "base_models": base_models(kv), "license": kv.get("general.license"), "lineage": lineage,
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
@@ -436,19 +437,6 @@ def inspect(file: str = typer.Argument(..., metavar="FILE.gguf", help="A GGUF fi
         typer.echo(_lineage_text(lineage))
     else:
         typer.echo("no upscale lineage recorded")
-
-
-def _base_models(kv: dict[str, Any]) -> list[dict[str, Any]]:
-    """`general.base_model.{i}.*` grouped by i, in one pass (a hostile count costs nothing)."""
-    count = kv.get("general.base_model.count")
-    n = count if isinstance(count, int) and not isinstance(count, bool) else 0
-    out: dict[int, dict[str, Any]] = {}
-    for k, v in kv.items():
-        if k.startswith("general.base_model.") and k != "general.base_model.count":
-            idx, _, field = k[len("general.base_model."):].partition(".")
-            if idx.isdigit() and int(idx) < n and field:
-                out.setdefault(int(idx), {})[field] = v
-    return [out[i] for i in sorted(out)]
 
 
 def _lineage_text(lineage: dict[str, Any]) -> str:

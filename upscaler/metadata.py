@@ -8,7 +8,7 @@ recorded under `upscale.*` so `inspect` and `verify` can read them back.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from gguf import GGUFValueType
 from gguf.utility import size_label as gguf_size_label
@@ -208,6 +208,19 @@ def _record(models: dict[str, SourceModel], plan: Plan) -> list[KV]:
         KV(K_LAYER_MODEL, [index[l.model] for l in plan.layers], T.ARRAY, T.UINT16),
         KV(K_LAYER_INDEX, [l.source_layer for l in plan.layers], T.ARRAY, T.UINT32),
     ]
+
+
+def base_models(kvs: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The `general.base_model.{i}.*` entries (i < general.base_model.count) grouped by i, in one
+    pass over the keys: a claimed count costs nothing beyond the keys the file really holds."""
+    count = kvs.get(f"{LINEAGE_PREFIX}count")
+    n = count if isinstance(count, int) and not isinstance(count, bool) else 0
+    out: dict[int, dict[str, Any]] = {}
+    for k, v in kvs.items():
+        idx, _, field = k[len(LINEAGE_PREFIX):].partition(".") if k.startswith(LINEAGE_PREFIX) else ("", "", "")
+        if idx.isdigit() and int(idx) < n and field:
+            out.setdefault(int(idx), {})[field] = v
+    return [out[i] for i in sorted(out)]
 
 
 def recorded_lineage(kvs: dict[str, Any]) -> dict[str, Any] | None:

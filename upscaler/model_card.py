@@ -30,7 +30,7 @@ import yaml
 
 from . import __version__
 from .errors import OutputError, RecipeError, UpscaleError
-from .metadata import recorded_lineage
+from .metadata import base_models, recorded_lineage
 from .report import human_bytes, human_count
 from .source import SHARD_RE, SourceModel
 
@@ -217,7 +217,8 @@ class _Source:
         self.tags = [str(t) for t in (m.get("general.tags") or [])]
         self.languages = [str(t) for t in (m.get("general.languages") or [])]
         self.file_type = _file_type_name(m.get("general.file_type")) or _dominant_type(m)
-        self.parents = _base_models(m)
+        self.parents = [{k: str(v) for k, v in bm.items()}
+                        for bm in base_models({k: kv.value for k, kv in m.kvs.items()})]
 
     @property
     def label(self) -> str:
@@ -234,17 +235,6 @@ def _str_or_none(v: Any) -> str | None:
 def _dominant_type(m: SourceModel) -> str:
     c = Counter(t.ggml_type.name for t in m.tensors.values() if len(t.shape) >= 2)
     return max(sorted(c), key=lambda k: c[k]) if c else "?"
-
-
-def _base_models(m: SourceModel) -> list[dict[str, str]]:
-    n = m.get("general.base_model.count") or 0
-    out = []
-    for i in range(int(n)):
-        prefix = f"general.base_model.{i}."
-        d = {k[len(prefix):]: str(kv.value) for k, kv in m.kvs.items() if k.startswith(prefix)}
-        if d:
-            out.append(d)
-    return out
 
 
 def _license_front_matter(srcs: list[_Source]) -> tuple[dict[str, str], str]:

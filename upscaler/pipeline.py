@@ -91,13 +91,12 @@ def check_imatrix_coverage(out: OutputModel, qtype: QuantType, entries: dict[str
             raise QuantizeError(f"{qtype.name} makes {t.name} {t.type.name}, which needs {hint}")
 
 
-def write_quantized(model: OutputModel, dest: Path, *, inputs: list[Path], entries: dict[str, np.ndarray],
-                    n_threads: int, split_max_size: int, force: bool, progress: Progress | None,
-                    log: Callable[[str], None] | None) -> tuple[list[Path], QuantStats]:
-    writer = GGUFOutput(model, dest, split_max_size=split_max_size, force=force, inputs=inputs)
+def write_quantized(writer: GGUFOutput, *, entries: dict[str, np.ndarray], n_threads: int,
+                    progress: Progress | None, log: Callable[[str], None] | None) -> tuple[list[Path], QuantStats]:
+    """Write `writer`'s (quantized) output model, each distinct tensor quantized once."""
     with TensorReader() as reader:
         emitter = QuantEmitter(reader, imatrix=entries, n_threads=n_threads, log=log)
-        emitter.total = len(model.tensors)
+        emitter.total = len(writer.model.tensors)
         try:
             paths = writer.write(emitter, progress)
         finally:

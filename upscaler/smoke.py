@@ -218,14 +218,15 @@ _BYTE_FALLBACK_VOCABS = ("llama", "t5", "plamo2")  # SPM, UGM, PLaMo-2: byte_to_
 
 def _missing_byte_token(model: Any, text: str) -> int | None:
     """A byte of `text` llama.cpp's byte fallback could not map (it throws through the C API)."""
-    if model.get("tokenizer.ggml.model") not in _BYTE_FALLBACK_VOCABS:
+    kind = model.get("tokenizer.ggml.model")
+    if kind not in _BYTE_FALLBACK_VOCABS:
         return None
     tokens = model.get("tokenizer.ggml.tokens")
     if not isinstance(tokens, list):
         return None
     known = set(tokens)
     for b in sorted(set(text.encode("utf-8"))):
-        plain_ok = model.get("tokenizer.ggml.model") != "plamo2" and b < 0x80 and chr(b) in known
+        plain_ok = kind != "plamo2" and b < 0x80 and chr(b) in known  # SPM/UGM also try the raw byte
         if f"<0x{b:02X}>" not in known and not plain_ok:
             return b
     return None

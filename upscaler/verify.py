@@ -50,7 +50,7 @@ from pydantic import ValidationError
 
 from . import archs
 from .errors import RecipeError, SourceError, UpscaleError
-from .gguf_header import Header, read_header
+from .gguf_header import Header, check_key_types, read_header
 from .metadata import K_FILES, K_LAYER_INDEX, K_LAYER_MODEL, K_MODELS, K_RECIPE, K_SOURCE_BLOCKS, K_VERSION
 from .output import OutTensor, build_output
 from .plan import OutputLayer, Plan, build_plan
@@ -289,13 +289,10 @@ def _open_output(path: str | Path, report: VerifyReport) -> _OutFile | None:
             report.problem(str(e))
             return None
     _check_split(paths, headers, report)
-    from . import gguf_header
-    check_types = getattr(gguf_header, "check_key_types", None)
-    if check_types is not None:
-        try:
-            check_types(paths[0], headers[0].kvs)
-        except SourceError as e:
-            report.problem(str(e))
+    try:
+        check_key_types(paths[0], headers[0].kvs)
+    except SourceError as e:
+        report.problem(str(e))
     kvs = {kv.key: KV(kv.key, kv.value, kv.vtype, kv.sub_type) for kv in headers[0].kvs if kv.key not in SPLIT_KEYS}
     tensors: dict[str, SourceTensor] = {}
     for p, h in zip(paths, headers):
