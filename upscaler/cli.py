@@ -54,13 +54,18 @@ def _warn(notes: list[str]) -> None:
         _echo_err(f"warning: {n}")
 
 
-@app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
-          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
-    STATE["debug"] = debug
-    if version:
+def _print_version(value: bool) -> None:
+    """Eager, so `gguf-upscale --version` works without a command."""
+    if value:
         typer.echo(f"gguf-upscale {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
+    STATE["debug"] = debug
 
 
 def _prepare(source: Optional[str], slices: Optional[str], config: Optional[str], preset: Optional[str],
@@ -110,6 +115,9 @@ def command(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except BrokenPipeError:  # the reader went away (`| head`): quiet, like git or ls
+            _quiet_stdout()
+            raise typer.Exit(0) from None
         except UpscaleError as e:
             if STATE["debug"]:
                 traceback.print_exc()
@@ -445,6 +453,16 @@ def _lineage_text(lineage: dict[str, Any]) -> str:
     return "\n".join(f"  out {oa:>4}-{ob:<4} <- {m} {sa}-{sb}" for oa, ob, m, sa, sb, _ in runs(layers))
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe
+    (the recipe of Python's signal documentation, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -454,7 +472,11 @@ def main() -> None:
     size limit (ulimit -f) makes writes fail with EFBIG, reported as errors, instead of killing us."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `--help | head -1`, outside any command's own handling
+        _quiet_stdout()
+        sys.exit(0)
 
 
 if __name__ == "__main__":
