@@ -308,8 +308,8 @@ def _quant_epilog() -> str:
     lines = ["   ".join(c[r] for c in cols if r < len(c)) for r in range(rows)]
     # "\b" keeps Click from re-wrapping the table
     return ("TYPE is one of (number, name, typical bits per weight):\n\n\b\n" + "\n".join(lines)
-            + "\n\nGGML_TYPE is one tensor type: f32, f16, bf16, q8_0, q6_K, q5_K, q4_K, "
-              "q3_K, q2_K, iq4_xs, q4_0, ...")
+            + "\n\nGGML_TYPE is one tensor type (ggml's name, any case), e.g. f16, bf16, q8_0, "
+              "q6_K, q5_K, q4_K, iq4_xs or q4_0.")
 
 
 def _mixture(output_tensor_type: Optional[str], token_embedding_type: Optional[str], leave_output_tensor: bool,

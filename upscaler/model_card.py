@@ -332,13 +332,20 @@ def card_title(kv: dict[str, Any], path: Path) -> tuple[str, str | None]:
         return name, None
     if not name:
         return _file_stem(path), None
-    base = str(kv.get("general.basename") or "").strip() or name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    base = _readable_part(str(kv.get("general.basename") or "").strip() or name)
     label = str(kv.get("general.size_label") or "").strip()
     title = f"{base} upscaled {label}".strip() if label and label not in base else base
     if len(title) > TITLE_MAX:
         title = title[:TITLE_MAX - 1].rstrip(" -_.") + "…"
     return title, (f"general.name {name[:40]!r}{'...' if len(name) > 40 else ''} is long; the model card is "
                    f"titled {title!r}: give the output a readable name with --name")
+
+
+def _readable_part(name: str) -> str:
+    """The telling part of a path-like name: `models--org--x-7b/snapshots/3f2a...` -> `x-7b`."""
+    parts = [p for p in re.split(r"[/\\]+", name) if p and p != "snapshots" and not re.fullmatch(r"[0-9a-f]{16,}", p)]
+    part = parts[-1] if parts else name
+    return part.rsplit("--", 1)[-1] if part.startswith("models--") else part
 
 
 def _front_matter(srcs: list[_Source], fm_license: dict[str, str], license_state: str) -> str:

@@ -19,8 +19,9 @@ class BarProgress:
     is never labelled or rated as bytes. The bar takes whatever width the other columns leave.
     """
 
-    def __init__(self, label: str = "writing", enabled: bool | None = None) -> None:
+    def __init__(self, label: str = "writing", enabled: bool | None = None, console: Console | None = None) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.console = console
         self.label = label
         self._p: Progress | None = None
         self._task = None
@@ -40,7 +41,7 @@ class BarProgress:
                            TransferSpeedColumn(table_column=Column(no_wrap=True)),
                            TimeRemainingColumn(table_column=Column(no_wrap=True)),
                            TextColumn("{task.fields[tensors]}", table_column=Column(no_wrap=True)),
-                           console=Console(stderr=True), transient=True, expand=True)
+                           console=self.console or Console(stderr=True), transient=True, expand=True)
         self._p.start()
         self._task = self._p.add_task(self.label, total=total_bytes, tensors=self._tensor_text())
 
