@@ -49,6 +49,7 @@ class _Command(TyperCommand):
             pieces.append(name if prm.required else f"[{name}]")
         return pieces
 
+
 SourceArg = typer.Argument(None, metavar="SOURCE", show_default=False, hidden=True)  # described in each docstring
 SlicesOpt = typer.Option(None, "--slices", metavar="RANGES", help="Half-open layer ranges of SOURCE, e.g. 0:40,20:60,40:80.")
 ConfigOpt = typer.Option(None, "--config", metavar="YAML", help="A mergekit YAML recipe (passthrough, or linear with one source per slice).")
@@ -166,7 +167,8 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
          as_json: bool = typer.Option(False, "--json", help="Machine-readable plan on stdout.")) -> None:
     """Validate a recipe against the source and show the layer map, size and memory needed (dry run).
 
-    SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model. The recipe is one of --slices, --config or --preset.
+    SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model.
+    The recipe is one of --slices, --config or --preset.
     """
     res, p, out = _prepare(source, slices, config, preset, model)
     first = res.models[p.embed_model]
@@ -223,7 +225,8 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
             quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary.")) -> None:
     """Write the upscaled GGUF with tensor types unchanged (no re-quantization).
 
-    SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model. The recipe is one of --slices, --config or --preset.
+    SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model.
+    The recipe is one of --slices, --config or --preset.
     """
     res, p, out = _prepare(source, slices, config, preset, model, name)
     split = parse_size(split_max_size) if split_max_size else 0
@@ -417,7 +420,8 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
         verbose: bool = VerboseOpt) -> None:
     """One pass: upscale, quantize each distinct tensor once (copies reuse the bytes), smoke-test.
 
-    SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model. The recipe is one of --slices, --config or --preset.
+    SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model.
+    The recipe is one of --slices, --config or --preset.
     """
     from .pipeline import (check_imatrix_coverage, parse_imatrix_options, requantize_warning,
                            source_imatrix_lookup, write_quantized)
