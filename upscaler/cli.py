@@ -289,9 +289,10 @@ def _files_size(paths: list[Path]) -> int:
 
 
 def _quant_summary(stats, model_in_bytes: int, paths: list[Path], qtype_name: str) -> None:
-    typer.echo(f"{qtype_name}: {human_bytes(model_in_bytes)} -> {human_bytes(_files_size(paths))}; "
-               f"{stats.quantized} tensors quantized, {stats.copied} copied unchanged, "
-               f"{stats.reused} reused from an identical earlier tensor ({stats.seconds_quantizing:.1f} s quantizing)")
+    typer.echo(f"{qtype_name}: {human_bytes(model_in_bytes)} -> {human_bytes(_files_size(paths))} "
+               f"({stats.seconds_quantizing:.1f} s quantizing)")
+    typer.echo(f"  {stats.quantized} tensors quantized, {stats.copied} copied unchanged, "
+               f"{stats.reused} reused from an identical one")
     for pth in paths:
         typer.echo(f"  {pth}")
 

@@ -405,7 +405,10 @@ def parse_kv_override(text: str) -> tuple[str, KvValue]:
     kind, colon, value = rest.partition(":")
     try:
         if colon and kind == "int":
-            return key, int(value, 10)
+            number = int(value, 10)
+            if not -2**63 <= number < 2**63:
+                raise ValueError
+            return key, number
         if colon and kind == "float":
             return key, float(value)
     except ValueError:

@@ -121,9 +121,8 @@ def requantize_warning(out: OutputModel, allow_requantize: bool = False) -> str 
     if not changed:
         return None
     kinds = sorted({f"{t.source.ggml_type.name} -> {t.type.name}" for t in changed})
-    return (f"the source is already quantized: {len(changed)} tensor(s) are re-quantized "
-            f"({', '.join(kinds[:3])}{', ...' if len(kinds) > 3 else ''}), which compounds the errors; "
-            "--allow-requantize accepts this without a warning (llama-quantize refuses without it)")
+    return (f"re-quantizing {len(changed)} already quantized tensor(s) ({', '.join(kinds[:2])}"
+            f"{', ...' if len(kinds) > 2 else ''}) compounds their errors; --allow-requantize silences this")
 
 
 def whole_model(m: SourceModel) -> OutputModel:

@@ -339,8 +339,8 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
                 raise RecipeError(f"{origin}: slice {i} sources have layer ranges of different lengths")
     for key in ("dtype", "out_dtype"):
         if getattr(cfg, key):
-            notes.append(f"{origin}: {key}: {getattr(cfg, key)} is recorded with the recipe but converts nothing: "
-                         "tensors keep their source types (`run`/`quantize` set them with --type)")
+            notes.append(f"{origin}: {key}: {getattr(cfg, key)} does not convert the output (tensors keep their "
+                         "source types; --type sets them when quantizing); it stays in the recorded recipe")
     return Recipe(method=method, slices=slices, parameters=params, name=cfg.name,
                   normalize=normalize, dtype=cfg.dtype, out_dtype=cfg.out_dtype, warnings=notes)
 
