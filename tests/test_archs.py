@@ -233,6 +233,8 @@ def test_gemma2_layer_kinds_follow_their_layers(model_dir: Path, tmp_path: Path,
     ("gemma3", ([True, False, False, True, True, False], GGUFValueType.ARRAY, BOOL),
      [True, False, False, True, True, False]),
     ("cohere2", (2, U32, None), [True, False, True, False]),
+    ("olmo2", (2, U32, None), [True, False, True, False]),
+    ("gpt-oss", (4, U32, None), [True, True, True, False]),
 ])
 def test_sliding_window_pattern_reexpressed(arch: str, value: Any, expected: list[bool], tmp_path: Path,
                                             tokens: list[int]) -> None:
@@ -311,6 +313,11 @@ def test_deci_first_layer_must_keep_its_heads(model_dir: Path, tmp_path: Path, t
     assert metadata(src)["deci.attention.head_count"][:2] == [4, 0]
     assert_one_line_error(cli("plan", src, "--slices", "1:6,0:6"), "deci", "output layer 0", "no attention heads")
     run("plan", src, "--slices", "0:6,1:6")  # the same layers, attention-free one not first
+    # what the refusal prevents: llama.cpp does not load a DeciLM whose first layer has no heads
+    first_free = make_model(tmp_path / "d0.gguf", arch="deci", n_embd_head=64, head_counts=[0, 4, 4, 4],
+                            head_counts_kv=[0, 2, 2, 2], ff_lengths=[512] * 4)
+    with pytest.raises(ValueError, match="Failed to load"):
+        _load(first_free)
 
 
 def test_gemma2_depth_that_changes_the_attention_scale_is_refused(tmp_path: Path) -> None:
