@@ -152,6 +152,9 @@ _SHAPES: dict[str, ShapeFn] = {
     "ffn_up.bias": lambda d: (d.n_ff,),
     "ffn_down.bias": lambda d: (d.n_embd,),
     "attn_sinks.weight": lambda d: (d.n_head,),
+    "position_embd.weight": lambda d: (CONTEXT_LENGTH, d.n_embd),  # learned absolute positions (GPT-2)
+    "token_embd_norm.weight": lambda d: (d.n_embd,),
+    "token_embd_norm.bias": lambda d: (d.n_embd,),
     # experts listed by the architecture itself (Dims.n_expert), router, shared expert
     "ffn_gate_inp.weight": lambda d: (d.n_expert, d.n_embd),
     "ffn_gate_inp.bias": lambda d: (d.n_expert,),
@@ -301,6 +304,9 @@ _FFN = frozenset({"ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"})
 _NORMS = frozenset({"attn_norm.weight", "ffn_norm.weight"})
 _LN_BIAS = frozenset({"attn_norm.weight", "attn_norm.bias", "ffn_norm.weight", "ffn_norm.bias"})
 _LN_GLOBALS = ("token_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight")
+_GPT_MLP = frozenset({"ffn_up.weight", "ffn_up.bias", "ffn_down.weight", "ffn_down.bias"})
+_GPT_BLOCK = _GPT_MLP | {"attn_norm.weight", "attn_norm.bias", "attn_qkv.weight", "attn_qkv.bias", "attn_output.weight",
+                         "attn_output.bias", "ffn_norm.weight", "ffn_norm.bias"}
 _POST_NORMS = frozenset({"post_attention_norm.weight", "post_ffw_norm.weight"})
 _EXPERTS = frozenset({"ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"})
 _EXPERT_BIAS = frozenset({"ffn_gate_inp.bias", "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias"})
@@ -441,6 +447,41 @@ ARCHS: dict[str, ArchSpec] = {
                  lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None),
                             "attention.sliding_window": (SLIDING_WINDOW, U32, None)},
                  default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
+        # ---- more plain stacks (biased GPT-style blocks, ALiBi, ReLU^2 MLPs, ...)
+        ArchSpec("phi2", _ATTN | _QKV_BIAS | _GPT_MLP | {"attn_norm.weight", "attn_norm.bias", "attn_output.bias"},
+                 {"rope.dimension_count": (lambda d: d.head_dim // 2, U32)},  # parallel attn/MLP, partial RoPE
+                 global_tensors=_LN_GLOBALS + ("output.bias",), norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("gptneox", _GPT_BLOCK, {"use_parallel_residual": (True, GGUFValueType.BOOL),
+                                         "rope.dimension_count": (lambda d: d.head_dim // 4, U32)},
+                 global_tensors=_LN_GLOBALS, norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("gpt2", _GPT_BLOCK, global_tensors=_LN_GLOBALS[:1] + ("position_embd.weight",) + _LN_GLOBALS[1:],
+                 norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("starcoder", _GPT_BLOCK,  # StarCoder 1 / SantaCoder: GPT-2 blocks with multi-query attention
+                 global_tensors=_LN_GLOBALS[:1] + ("position_embd.weight",) + _LN_GLOBALS[1:],
+                 norm_eps_key="attention.layer_norm_epsilon", fixture={"n_head_kv": 1}),
+        ArchSpec("bloom", _GPT_BLOCK,  # ALiBi, LayerNorm on the embeddings
+                 global_tensors=("token_embd.weight", "token_embd_norm.weight", "token_embd_norm.bias")
+                 + _LN_GLOBALS[1:], norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("mpt", frozenset({"attn_norm.weight", "attn_qkv.weight", "attn_output.weight", "ffn_norm.weight",
+                                   "ffn_up.weight", "ffn_down.weight"}),
+                 {"attention.max_alibi_bias": (8.0, F32)}, norm_eps_key="attention.layer_norm_epsilon"),
+        # Qwen (1): fused QKV with bias over all heads, FFN width stored doubled (the loader halves it)
+        ArchSpec("qwen", frozenset({"attn_norm.weight", "attn_qkv.weight", "attn_qkv.bias", "attn_output.weight",
+                                    "ffn_norm.weight"}) | _FFN,
+                 {"rope.dimension_count": (lambda d: d.head_dim, U32)},
+                 shapes={"ffn_gate.weight": lambda d: (d.n_ff // 2, d.n_embd),
+                         "ffn_up.weight": lambda d: (d.n_ff // 2, d.n_embd),
+                         "ffn_down.weight": lambda d: (d.n_embd, d.n_ff // 2)},
+                 defaults={"n_head_kv": 4}),
+        # Nemotron (Minitron): LayerNorm1P (stored as 1 + w) with biases, ReLU^2 MLP without gate
+        ArchSpec("nemotron", _ATTN | _LN_BIAS | {"ffn_up.weight", "ffn_down.weight"}, global_tensors=_LN_GLOBALS,
+                 norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("arcee", _ATTN | _NORMS | {"ffn_up.weight", "ffn_down.weight"},  # AFM: ReLU^2 MLP without gate
+                 {"rope.dimension_count": (lambda d: d.head_dim, U32)}),
+        ArchSpec("seed_oss", _ATTN | _QKV_BIAS | _FFN | {"attn_norm.weight", "post_attention_norm.weight"}, _kv_len),
+        ArchSpec("xverse", _LLAMA_LAYER),
+        ArchSpec("orion", _LLAMA_LAYER | _LN_BIAS, global_tensors=_LN_GLOBALS,
+                 norm_eps_key="attention.layer_norm_epsilon"),
         # DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths; a layer may have no
         # attention (0 heads), a linear map instead of attention (0 KV heads) or no FFN (width 0)
         ArchSpec("deci", _LLAMA_LAYER, lambda d: {**_llama_hp(d), **_kv_len(d)},

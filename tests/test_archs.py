@@ -349,6 +349,8 @@ def test_command_r_qk_norm_depth_rule(model_dir: Path, tmp_path: Path, tokens: l
     ("exaone", "out_proj", "attn_output.weight"),
     ("granitemoe", "output_linear", "ffn_down_exps.weight"),
     ("gpt-oss", "sinks", "attn_sinks.weight"),
+    ("mpt", "out_proj", "attn_output.weight"),
+    ("qwen", "mlp.c_proj", "ffn_down.weight"),
 ])
 def test_hf_filters_hit_the_right_tensors(arch: str, filt: str, hits: str, model_dir: Path, tmp_path: Path,
                                           tokens: list[int]) -> None:
@@ -380,6 +382,17 @@ slices:
     proc = (cli if tensor == "blk.0.ffn_norm.weight" else run)("plan", "--config", cfg, "--model", f"src={src}",
                                                                **({} if tensor == "blk.0.ffn_norm.weight" else {"check": False}))
     assert_one_line_error(proc, "gemma2", tensor, "1 + w")
+
+
+def test_nemotron_norm_scales_are_refused(model_dir: Path, tmp_path: Path, tokens: list[int]) -> None:
+    """Nemotron's LayerNorm1P weights are stored as 1 + w, like Gemma's."""
+    src, _ = _source(model_dir, "nemotron", tokens)
+    cfg = _yaml(tmp_path, """
+merge_method: passthrough
+slices:
+  - sources: [{model: src, layer_range: [0, 4], parameters: {scale: [{filter: layernorm, value: 0.5}, {value: 1}]}}]
+""")
+    assert_one_line_error(cli("plan", "--config", cfg, "--model", f"src={src}"), "nemotron", "1 + w")
 
 
 def test_positional_keys_refused_per_arch(tmp_path: Path) -> None:

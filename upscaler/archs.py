@@ -224,6 +224,11 @@ _GRANITE_MOE_HF = {  # gate and up fused in HF (input_linear), split by convert_
     "ffn_down_shexp": "shared_mlp.output_linear",
 }
 
+_GPT2_HF = {"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "attn_norm": "ln_1", "ffn_norm": "ln_2",
+            "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_NEOX_HF = {"attn_qkv": "attention.query_key_value", "attn_output": "attention.dense",
+            "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}
+
 SUPPORTED: dict[str, Arch] = {
     a.name: a for a in (
         Arch("llama", "Llama 1/2/3, Mistral, Mixtral-style experts, Yi, Karakuri and other llama-shaped models; "
@@ -298,6 +303,27 @@ SUPPORTED: dict[str, Arch] = {
              hf_names={"attn_sinks": "self_attn.sinks", "ffn_gate_inp": "mlp.router",
                        "ffn_gate_exps": "mlp.experts.gate_up_proj", "ffn_up_exps": "mlp.experts.gate_up_proj",
                        "ffn_down_exps": "mlp.experts.down_proj"}),
+        Arch("phi2", "Phi-2 / Phi-1.5: parallel attention and MLP, biases everywhere, output bias (global)",
+             hf_names={"attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}),
+        Arch("gptneox", "GPT-NeoX / Pythia: fused QKV, biases, parallel residual (a global flag)",
+             hf_names=_NEOX_HF),
+        Arch("gpt2", "learned position embeddings are global (sized by the context, not the depth)",
+             hf_names=_GPT2_HF),
+        Arch("starcoder", "StarCoder 1 / SantaCoder: GPT-2 blocks with multi-query attention", hf_names=_GPT2_HF),
+        Arch("bloom", "ALiBi (per head, not per layer); LayerNorm on the embeddings is global",
+             hf_names={k: v.replace("attention.", "self_attention.") for k, v in _NEOX_HF.items()}),
+        Arch("mpt", "ALiBi (per head, not per layer); no biases",
+             hf_names={"attn_qkv": "attn.Wqkv", "attn_output": "attn.out_proj", "attn_norm": "norm_1",
+                       "ffn_norm": "norm_2", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"}),
+        Arch("qwen", "Qwen (1): fused QKV with bias; HF names attn.c_attn / attn.c_proj / mlp.w1, w2, c_proj",
+             hf_names={"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "attn_norm": "ln_1",
+                       "ffn_norm": "ln_2", "ffn_up": "mlp.w1", "ffn_gate": "mlp.w2", "ffn_down": "mlp.c_proj"}),
+        Arch("nemotron", "Nemotron / Minitron: LayerNorm1P stored as 1 + w, so a recipe scaling norms is refused; "
+                         "ReLU^2 MLP", offset_norms=True),
+        Arch("arcee", "Arcee AFM: llama-shaped attention, ReLU^2 MLP without gate"),
+        Arch("seed_oss", "Seed-OSS: QKV biases, llama-shaped"),
+        Arch("xverse", "llama-shaped"),
+        Arch("orion", "llama-shaped with LayerNorm biases"),
         Arch("deci", "DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths re-indexed with their "
                      "layers; the first output layer must have attention heads when the source's does "
                      "(llama.cpp sizes every head from layer 0)",
@@ -363,6 +389,8 @@ REFUSED: dict[str, str] = {
     "gemma4": "per-layer embeddings live in global tensors sized by n_layer, and KV sharing is counted from the end",
     "minicpm": "llama.cpp computes the residual scale from the layer count (1.4/sqrt(n_layer)); "
                "a deeper model would rescale every layer",
+    "minicpm3": "llama.cpp computes the residual scale from the layer count (scale_depth/sqrt(n_layer)); "
+                "a deeper model would rescale every layer",
     "baichuan": "llama.cpp picks RoPE (7B, 32 layers) or ALiBi (13B, 40 layers) from the layer count",
     "exaone4": "llama.cpp enables sliding-window attention only at exactly 64 layers (32B)",
     "smallthinker": "no-RoPE and sliding-window layers are derived from position and from the layer count",
@@ -372,10 +400,7 @@ REFUSED: dict[str, str] = {
     "apertus": "per-layer xIELU arrays live under unprefixed keys (xielu.*); refused until a fixture test covers it",
     # plain stacks, untested
     **{a: _UNTESTED for a in (
-        "gpt2", "gptneox", "mpt", "starcoder", "refact", "bloom", "qwen",
-        "qwen2vl", "phi2", "plamo", "codeshell", "orion", "minicpm3",
-        "xverse", "openelm", "chatglm", "bitnet", "jais", "jais2", "nemotron",
-        "chameleon", "plm", "arcee", "ernie4_5", "hunyuan-dense", "hunyuan_vl", "seed_oss", "cogvlm", "pangu-embedded",
+        "refact", "qwen2vl", "plamo", "codeshell", "openelm", "chatglm", "bitnet", "jais", "jais2", "chameleon", "plm", "ernie4_5", "hunyuan-dense", "hunyuan_vl", "cogvlm", "pangu-embedded",
         "maincoder", "talkie")},
     **{a: _UNTESTED_MOE for a in (
         "grok", "dbrx", "arctic", "hunyuan-moe",
