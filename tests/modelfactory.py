@@ -143,6 +143,7 @@ _SHAPES: dict[str, ShapeFn] = {
     # LayerNorm biases, projection biases (falcon, starcoder2, phimoe, gpt-oss, ...)
     "attn_norm.bias": lambda d: (d.n_embd,),
     "attn_norm_2.weight": lambda d: (d.n_embd,),
+    "attn_output_norm.weight": lambda d: (d.n_embd,),
     "attn_norm_2.bias": lambda d: (d.n_embd,),
     "ffn_norm.bias": lambda d: (d.n_embd,),
     "output_norm.bias": lambda d: (d.n_embd,),
@@ -482,6 +483,23 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("xverse", _LLAMA_LAYER),
         ArchSpec("orion", _LLAMA_LAYER | _LN_BIAS, global_tensors=_LN_GLOBALS,
                  norm_eps_key="attention.layer_norm_epsilon"),
+        # ChatGLM3 / GLM-4-9B (older conversions): fused QKV with bias, gate+up fused, half-rotary heads
+        ArchSpec("chatglm", _NORMS | {"attn_qkv.weight", "attn_qkv.bias", "attn_output.weight", "ffn_up.weight",
+                                      "ffn_down.weight"},
+                 {"rope.dimension_count": (lambda d: d.head_dim // 2, U32)},
+                 shapes={"ffn_up.weight": lambda d: (2 * d.n_ff, d.n_embd)}),
+        # OpenELM: per-layer query/KV head counts and FFN widths, per-head q/k norms, tied embeddings
+        ArchSpec("openelm", _NORMS | _FFN | {"attn_qkv.weight", "attn_output.weight"} | _QK_NORM, _kv_len,
+                 always_tied=True, global_tensors=("token_embd.weight", "output_norm.weight"),
+                 fixture={"n_embd_head": 64, "head_counts": [2, 4, 4, 8], "head_counts_kv": [1, 2, 4, 2],
+                          "ff_lengths": [256, 512, 768, 512]}),
+        ArchSpec("refact", _LLAMA_LAYER),  # llama-shaped with ALiBi
+        ArchSpec("codeshell", _GPT_BLOCK, norm_eps_key="attention.layer_norm_epsilon", global_tensors=_LN_GLOBALS),
+        # DBRX: fused QKV, a norm between attention and the experts (attn_output_norm), experts in every layer
+        ArchSpec("dbrx", _NORMS - {"ffn_norm.weight"} | _EXPERTS
+                 | {"attn_qkv.weight", "attn_output.weight", "attn_output_norm.weight"},
+                 {"attention.clamp_kqv": (8.0, F32)}, norm_eps_key="attention.layer_norm_epsilon",
+                 default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
         # DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths; a layer may have no
         # attention (0 heads), a linear map instead of attention (0 KV heads) or no FFN (width 0)
         ArchSpec("deci", _LLAMA_LAYER, lambda d: {**_llama_hp(d), **_kv_len(d)},

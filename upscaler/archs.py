@@ -324,6 +324,22 @@ SUPPORTED: dict[str, Arch] = {
         Arch("seed_oss", "Seed-OSS: QKV biases, llama-shaped"),
         Arch("xverse", "llama-shaped"),
         Arch("orion", "llama-shaped with LayerNorm biases"),
+        Arch("chatglm", "ChatGLM3 / GLM-4-9B (older conversions): fused QKV with bias, fused gate+up",
+             hf_names={"attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
+                       "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}),
+        Arch("openelm", "per-layer query/KV head counts and FFN widths re-indexed with their layers; "
+                        "tied embeddings",
+             hf_names={"attn_qkv": "attn.qkv_proj", "attn_output": "attn.out_proj", "attn_q_norm": "attn.q_norm",
+                       "attn_k_norm": "attn.k_norm", "ffn_gate": "ffn.proj_1", "ffn_up": "ffn.proj_1",
+                       "ffn_down": "ffn.proj_2"},
+             checks=(_first_layer_heads,)),
+        Arch("refact", "llama-shaped with ALiBi (per head, not per layer)"),
+        Arch("codeshell", "GPT-2-style biased blocks with RoPE", hf_names=_GPT2_HF),
+        Arch("dbrx", "fused QKV, a norm between attention and the experts, experts in every layer",
+             hf_names={"attn_qkv": "norm_attn_norm.attn.Wqkv", "attn_output": "norm_attn_norm.attn.out_proj",
+                       "attn_norm": "norm_attn_norm.norm_1", "attn_output_norm": "norm_attn_norm.norm_2",
+                       "ffn_gate_inp": "ffn.router.layer", "ffn_gate_exps": "ffn.experts.mlp.w1",
+                       "ffn_up_exps": "ffn.experts.mlp.v1", "ffn_down_exps": "ffn.experts.mlp.w2"}),
         Arch("deci", "DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths re-indexed with their "
                      "layers; the first output layer must have attention heads when the source's does "
                      "(llama.cpp sizes every head from layer 0)",
@@ -400,10 +416,10 @@ REFUSED: dict[str, str] = {
     "apertus": "per-layer xIELU arrays live under unprefixed keys (xielu.*); refused until a fixture test covers it",
     # plain stacks, untested
     **{a: _UNTESTED for a in (
-        "refact", "qwen2vl", "plamo", "codeshell", "openelm", "chatglm", "bitnet", "jais", "jais2", "chameleon", "plm", "ernie4_5", "hunyuan-dense", "hunyuan_vl", "cogvlm", "pangu-embedded",
-        "maincoder", "talkie")},
+        "qwen2vl", "plamo", "bitnet", "jais", "jais2", "chameleon", "plm", "ernie4_5", "hunyuan-dense",
+        "hunyuan_vl", "cogvlm", "pangu-embedded", "maincoder", "talkie")},
     **{a: _UNTESTED_MOE for a in (
-        "grok", "dbrx", "arctic", "hunyuan-moe",
+        "grok", "arctic", "hunyuan-moe",
         "hy_v3", "grovemoe", "minimax-m2")},
     **{a: _UNTESTED_SWA for a in (
         "plamo3", "muse-glimmer", "mellum", "mimo2", "step35", "spark2_5", "maple",

@@ -19,7 +19,7 @@ from .recipe import MergeConfig, Recipe, normalize_config
 ZERO_OUT_RESIDUAL = {"scale": [{"filter": "o_proj", "value": 0.0},
                                {"filter": "down_proj", "value": 0.0},
                                {"filter": "experts.w2", "value": 0.0},
-                               {"filter": "attn_output", "value": 0.0},
+                               {"filter": "attn_output.", "value": 0.0},  # not attn_output_norm
                                {"filter": "ffn_down", "value": 0.0},
                                {"value": 1.0}]}
 
