@@ -500,6 +500,13 @@ ARCHS: dict[str, ArchSpec] = {
                  | {"attn_qkv.weight", "attn_output.weight", "attn_output_norm.weight"},
                  {"attention.clamp_kqv": (8.0, F32)}, norm_eps_key="attention.layer_norm_epsilon",
                  default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
+        ArchSpec("ernie4_5", _LLAMA_LAYER, {"rope.dimension_count": (lambda d: d.head_dim, U32)}),  # dense ERNIE 4.5
+        ArchSpec("hunyuan-dense", _LLAMA_LAYER | _QK_NORM, _kv_len),  # Hunyuan 0.5B-7B: per-head q/k norms
+        # Hunyuan-A13B: q/k norms, routed experts and a shared expert (no shared-expert gate)
+        ArchSpec("hunyuan-moe", _ATTN | _NORMS | _QK_NORM | _EXPERTS | (_SHARED_EXPERT - {"ffn_gate_inp_shexp.weight"}),
+                 lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None),
+                            "expert_shared_feed_forward_length": (d.n_ff, U32, None)},
+                 default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
         # DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths; a layer may have no
         # attention (0 heads), a linear map instead of attention (0 KV heads) or no FFN (width 0)
         ArchSpec("deci", _LLAMA_LAYER, lambda d: {**_llama_hp(d), **_kv_len(d)},

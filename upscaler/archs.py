@@ -340,6 +340,15 @@ SUPPORTED: dict[str, Arch] = {
                        "attn_norm": "norm_attn_norm.norm_1", "attn_output_norm": "norm_attn_norm.norm_2",
                        "ffn_gate_inp": "ffn.router.layer", "ffn_gate_exps": "ffn.experts.mlp.w1",
                        "ffn_up_exps": "ffn.experts.mlp.v1", "ffn_down_exps": "ffn.experts.mlp.w2"}),
+        Arch("ernie4_5", "ERNIE 4.5 dense (0.3B): llama-shaped"),
+        Arch("hunyuan-dense", "Hunyuan dense (0.5B-7B): per-head q/k norms move with their layer",
+             hf_names={"attn_q_norm": "self_attn.query_layernorm", "attn_k_norm": "self_attn.key_layernorm"}),
+        Arch("hunyuan-moe", "Hunyuan-A13B: q/k norms, routed experts and a shared expert in every layer",
+             hf_names={"attn_q_norm": "self_attn.query_layernorm", "attn_k_norm": "self_attn.key_layernorm",
+                       "ffn_gate_inp": "mlp.gate.wg", "ffn_gate_exps": "mlp.experts.gate_proj",
+                       "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj",
+                       "ffn_gate_shexp": "mlp.shared_mlp.gate_proj", "ffn_up_shexp": "mlp.shared_mlp.up_proj",
+                       "ffn_down_shexp": "mlp.shared_mlp.down_proj"}),
         Arch("deci", "DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths re-indexed with their "
                      "layers; the first output layer must have attention heads when the source's does "
                      "(llama.cpp sizes every head from layer 0)",
@@ -416,10 +425,10 @@ REFUSED: dict[str, str] = {
     "apertus": "per-layer xIELU arrays live under unprefixed keys (xielu.*); refused until a fixture test covers it",
     # plain stacks, untested
     **{a: _UNTESTED for a in (
-        "qwen2vl", "plamo", "bitnet", "jais", "jais2", "chameleon", "plm", "ernie4_5", "hunyuan-dense",
+        "qwen2vl", "plamo", "bitnet", "jais", "jais2", "chameleon", "plm",
         "hunyuan_vl", "cogvlm", "pangu-embedded", "maincoder", "talkie")},
     **{a: _UNTESTED_MOE for a in (
-        "grok", "arctic", "hunyuan-moe",
+        "grok", "arctic",
         "hy_v3", "grovemoe", "minimax-m2")},
     **{a: _UNTESTED_SWA for a in (
         "plamo3", "muse-glimmer", "mellum", "mimo2", "step35", "spark2_5", "maple",
