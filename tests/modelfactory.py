@@ -151,6 +151,7 @@ _SHAPES: dict[str, ShapeFn] = {
     "attn_qkv.bias": lambda d: ((d.n_head + 2 * d.n_head_kv) * d.head_dim,),
     "attn_output.bias": lambda d: (d.n_embd,),
     "ffn_up.bias": lambda d: (d.n_ff,),
+    "ffn_gate.bias": lambda d: (d.n_ff,),
     "ffn_down.bias": lambda d: (d.n_embd,),
     "attn_sinks.weight": lambda d: (d.n_head,),
     "position_embd.weight": lambda d: (CONTEXT_LENGTH, d.n_embd),  # learned absolute positions (GPT-2)
@@ -507,6 +508,14 @@ ARCHS: dict[str, ArchSpec] = {
                  lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None),
                             "expert_shared_feed_forward_length": (d.n_ff, U32, None)},
                  default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
+        # Qwen2-VL's language model: qwen2's layers, multimodal RoPE sections (global, 4 entries)
+        ArchSpec("qwen2vl", _LLAMA_LAYER | _QKV_BIAS,
+                 {"rope.dimension_sections": (lambda d: [d.head_dim // 8, d.head_dim * 3 // 16,
+                                                         d.head_dim * 3 // 16, 0],
+                                              GGUFValueType.ARRAY, GGUFValueType.INT32)}),
+        # JAIS: GPT-2 blocks with a SwiGLU MLP (gate with bias), ALiBi
+        ArchSpec("jais", _GPT_BLOCK | {"ffn_gate.weight", "ffn_gate.bias"}, {"attention.max_alibi_bias": (8.0, F32)},
+                 global_tensors=_LN_GLOBALS, norm_eps_key="attention.layer_norm_epsilon"),
         # DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths; a layer may have no
         # attention (0 heads), a linear map instead of attention (0 KV heads) or no FFN (width 0)
         ArchSpec("deci", _LLAMA_LAYER, lambda d: {**_llama_hp(d), **_kv_len(d)},

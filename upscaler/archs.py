@@ -349,6 +349,9 @@ SUPPORTED: dict[str, Arch] = {
                        "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj",
                        "ffn_gate_shexp": "mlp.shared_mlp.gate_proj", "ffn_up_shexp": "mlp.shared_mlp.up_proj",
                        "ffn_down_shexp": "mlp.shared_mlp.down_proj"}),
+        Arch("qwen2vl", "Qwen2-VL's language model: qwen2's layers; the multimodal RoPE sections are global"),
+        Arch("jais", "GPT-2 blocks with a gated MLP and ALiBi (per head, not per layer)",
+             hf_names={**_GPT2_HF, "ffn_gate": "mlp.c_fc2"}),
         Arch("deci", "DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths re-indexed with their "
                      "layers; the first output layer must have attention heads when the source's does "
                      "(llama.cpp sizes every head from layer 0)",
@@ -425,7 +428,7 @@ REFUSED: dict[str, str] = {
     "apertus": "per-layer xIELU arrays live under unprefixed keys (xielu.*); refused until a fixture test covers it",
     # plain stacks, untested
     **{a: _UNTESTED for a in (
-        "qwen2vl", "plamo", "bitnet", "jais", "jais2", "chameleon", "plm",
+        "plamo", "bitnet", "jais2", "chameleon", "plm",
         "hunyuan_vl", "cogvlm", "pangu-embedded", "maincoder", "talkie")},
     **{a: _UNTESTED_MOE for a in (
         "grok", "arctic",
