@@ -234,6 +234,8 @@ def test_gemma2_layer_kinds_follow_their_layers(model_dir: Path, tmp_path: Path,
      [True, False, False, True, True, False]),
     ("cohere2", (2, U32, None), [True, False, True, False]),
     ("olmo2", (2, U32, None), [True, False, True, False]),
+    # OLMo 3 as convert_hf_to_gguf writes it: a per-layer BOOL array from the config's layer_types
+    ("olmo2", ([True, True, True, False], GGUFValueType.ARRAY, BOOL), [True, True, True, False]),
     ("gpt-oss", (4, U32, None), [True, True, True, False]),
 ])
 def test_sliding_window_pattern_reexpressed(arch: str, value: Any, expected: list[bool], tmp_path: Path,
