@@ -399,9 +399,8 @@ def _gguf_name_filters(origin: str, cfg: MergeConfig, slices: list[Slice]) -> li
                 walk(x)
 
     walk([cfg.parameters, [s.parameters for s in slices], [src.parameters for s in slices for src in s.sources]])
-    return [f"{origin}: filter {_short(f)} looks like a GGUF tensor name; filters match HF names "
-            "(o_proj, down_proj, embed_tokens, lm_head, ...) as in mergekit, so it matches nothing it "
-            "would not match there" for f in found]
+    return [f"{origin}: filter {_short(f)} is a GGUF tensor name, but filters match HF names as in "
+            "mergekit (o_proj, down_proj, embed_tokens, lm_head, ...), so it matches no tensor" for f in found]
 
 
 # -- compact forms ------------------------------------------------------------------------
