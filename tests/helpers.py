@@ -39,8 +39,8 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
 
 
 def shard_files(path: Path) -> list[Path]:
-    """`path` itself, or every shard of the set when it is a `-00001-of-0000N.gguf` first shard."""
-    m = re.fullmatch(r"(.*)-00001-of-(\d{5})\.gguf", Path(path).name)
+    """`path` itself, or every shard of the set when it is one `-0000I-of-0000N.gguf` shard."""
+    m = re.fullmatch(r"(.*)-\d{5}-of-(\d{5})\.gguf", Path(path).name)
     if m is None:
         return [Path(path)]
     n = int(m.group(2))
