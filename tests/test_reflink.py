@@ -101,7 +101,7 @@ def total_size(paths) -> int:
     return sum(p.stat().st_size for p in paths)
 
 
-def test_seed_style_plan_shares_its_duplicates(wide: Path, loopfs: Path, tmp_path: Path) -> None:
+def test_seed_style_plan_shares_its_duplicates(loopfs: Path, wide: Path, tmp_path: Path) -> None:
     plain = tmp_path / "plain.gguf"  # a filesystem without shared extents: every byte written
     cli("upscale", wide, "--preset", "overlap-halves", "-o", plain, check=True)
     out = loopfs / "seed.gguf"
@@ -115,7 +115,7 @@ def test_seed_style_plan_shares_its_duplicates(wide: Path, loopfs: Path, tmp_pat
     assert leftovers(loopfs) == []
 
 
-def test_split_output_shares_across_shards(wide: Path, loopfs: Path, tmp_path: Path) -> None:
+def test_split_output_shares_across_shards(loopfs: Path, wide: Path, tmp_path: Path) -> None:
     """Duplicates in a later shard than their first copy are cloned too (shards keep one phase)."""
     args = ["--preset", "overlap-halves", "--split-max-size", "120M"]
     cli("upscale", wide, *args, "-o", tmp_path / "plain.gguf", check=True)
