@@ -317,6 +317,9 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
 
     if cfg.models is not None:
         # `models:` form: passthrough of whole models. mergekit allows exactly one model here.
+        if cfg.base_model and cfg.base_model not in [m.model for m in cfg.models]:
+            raise RecipeError(f"{origin}: base_model {_short(cfg.base_model)} is not among `models:`; mergekit adds "
+                              f"it as another whole-model source, which {method} as a passthrough cannot take")
         if len(cfg.models) != 1:
             raise RecipeError(f"{origin}: a `models:` recipe takes exactly one model for {method}, got {len(cfg.models)}; "
                               "use slices to stack models")
@@ -351,6 +354,10 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
     if tok is not None:
         tok = _tokenizer_model(origin, tok, slices)
     notes += _gguf_name_filters(origin, cfg, slices)
+    if method == "linear" and any("scale" in (p or {}) for p in [params] + [s.parameters for s in slices]
+                                  + [src.parameters for s in slices for src in s.sources]):
+        notes.append(f"{origin}: `scale` is not a parameter of linear merges; mergekit ignores it, and so does "
+                     "gguf-upscale (with normalize: false the weight is the scale)")
     return Recipe(method=method, slices=slices, parameters=params, name=cfg.name,
                   normalize=normalize, warnings=notes, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok)
 
