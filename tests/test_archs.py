@@ -168,7 +168,8 @@ def test_supported_arch_upscales_and_loads(arch: str, model_dir: Path, tmp_path:
 
 
 def test_llama_with_experts(model_dir: Path, tmp_path: Path, tokens: list[int]) -> None:
-    """Mixtral-style llama: experts are ordinary blk.N tensors; mergekit's HF names (w1/w2/w3) hit them."""
+    """Mixtral-style llama: experts are ordinary blk.N tensors; mergekit 0.1.5's HF names
+    (mlp.experts.down_proj, stacked) hit them."""
     src = make_model(model_dir / "arch-mixtral.gguf", n_expert=4, n_expert_used=2, name="Tiny Mixtral")
     ref = _logits(src, tokens)
     ident = tmp_path / "identity.gguf"
@@ -181,7 +182,7 @@ slices:
   - sources:
       - model: src
         layer_range: [1, 2]
-        parameters: {scale: [{filter: o_proj, value: 0}, {filter: experts.w2, value: 0}, {value: 1}]}
+        parameters: {scale: [{filter: o_proj, value: 0}, {filter: experts.down_proj, value: 0}, {value: 1}]}
   - sources: [{model: src, layer_range: [2, 4]}]
 """)
     zero = tmp_path / "zero.gguf"

@@ -54,7 +54,10 @@ def hf_tensor_name(suffix: str, layer: int | None, arch: str | None = None) -> s
     base, _, kind = suffix.rpartition(".")  # "attn_output.weight" -> ("attn_output", "weight")
     if layer is None:
         return f"{HF_GLOBAL.get(base, base)}.{kind}"
-    return f"model.layers.{layer}.{archs.hf_name(arch, base) or HF_NAMES.get(base, base)}.{kind}"
+    hf = archs.hf_name(arch, base) or HF_NAMES.get(base, base)
+    if ".experts." in hf:  # mergekit's stacked expert tensors carry no ".weight"
+        return f"model.layers.{layer}.{hf}"
+    return f"model.layers.{layer}.{hf}.{kind}"
 
 
 @dataclass(frozen=True)
