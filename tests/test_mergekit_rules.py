@@ -293,3 +293,21 @@ def test_gguf_name_filter_is_warned_and_matches_nothing(two_models: dict[str, Pa
     proc = cli("plan", "--config", cfg, "--model", f"a={two_models['a']}", "--json", check=True)
     assert "ffn_down" in proc.stderr and "matches no tensor" in proc.stderr
     assert all(not l["scales"] for l in json.loads(proc.stdout)["plan"]["layers"])
+
+
+@pytest.mark.parametrize("filt, hits", [
+    ("experts.down_proj", {"ffn_down_exps.weight"}),
+    ("gate_up_proj", {"ffn_gate_exps.weight", "ffn_up_exps.weight"}),  # one fused HF tensor, two GGUF ones
+    ("mlp.gate.", {"ffn_gate_inp.weight"}),  # the router
+    ("down_proj.weight", set()),  # mergekit's stacked expert tensors carry no ".weight"
+])
+def test_moe_filters_use_mergekits_stacked_expert_names(filt: str, hits: set[str], tmp_path: Path) -> None:
+    """mergekit 0.1.5 (qwen3_moe.json, mixtral.json) names experts model.layers.N.mlp.experts.down_proj
+    and .gate_up_proj, stacked like GGUF's *_exps, and the router mlp.gate.weight."""
+    src = make_model(tmp_path / "moe.gguf", arch="qwen3moe", n_layer=2)
+    cfg = tmp_path / "moe.yaml"
+    cfg.write_text(json.dumps({"merge_method": "passthrough", "slices": [{"sources": [
+        {"model": "m", "layer_range": [0, 2], "parameters": {"scale": [{"filter": filt, "value": 0.5}]}}]}]}))
+    proc = cli("plan", "--config", cfg, "--model", f"m={src}", "--json", check=True)
+    layers = json.loads(proc.stdout)["plan"]["layers"]
+    assert all(set(layer["scales"]) == hits for layer in layers), layers
