@@ -1,5 +1,13 @@
 #!/usr/bin/env python3
-"""Benchmarks, reported as ratios against a reference measured in the same run.
+"""Benchmarks, reported as ratios against a reference measured in the same run, and a verdict.
+
+Every contender runs --runs times, interleaved with its reference; each figure is the median
+over those runs, with the spread (max - min) / median beside it, and the ratio the target is
+judged on is the ratio of medians. Every output is compared with its reference: tensor by
+tensor against the source through gguf-py's GGUFReader (upscale, reflink), byte for byte against
+llama.cpp's quantize driver called with llama-cpp-python's own LLAMA_FTYPE_* constants
+(quantize, run). The script exits 1 when any output differs or any target is missed, 0 otherwise
+(a benchmark that cannot run here, e.g. reflink without root, is reported as skipped).
 
   upscale   : `gguf-upscale upscale` (seed-style overlap-halves plan) vs `cp` of a file of the output's size;
               peak RSS of the upscale process.
@@ -8,7 +16,9 @@
   reflink   : seed-style upscale on a loop-mounted XFS/btrfs (root only; skipped otherwise): disk used and
               time with duplicates cloned from their first copy vs a plain write; byte identity.
 
-Usage: python scripts/bench.py [--only upscale,quantize,run,reflink] [--size-gb 2.2] [--dir out/bench] [--keep]
+Usage: python scripts/bench.py [--only upscale,quantize,run,reflink] [--size-gb 4] [--runs 3] [--quick]
+                               [--dir out/bench] [--keep]
+  --quick: small sources (tens of MB) and one run: checks the harness, not the targets' spirit.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -66,6 +76,60 @@ def run_measured(cmd: list[str]) -> Measure:
     if code != 0 or not maxrss_kb:
         raise SystemExit(f"benchmark command failed: {' '.join(map(str, cmd))}\n{err}")
     return Measure(dt, int(maxrss_kb) * 1024)
+
+
+RUNS = 3  # set from --runs
+QUICK = False  # set from --quick
+
+
+@dataclass
+class Runs:
+    """Every run of one contender."""
+
+    all: list[Measure]
+
+    @property
+    def seconds(self) -> float:
+        return float(np.median([m.seconds for m in self.all]))
+
+    @property
+    def max_rss(self) -> int:
+        return max(m.max_rss for m in self.all)
+
+    def spread(self) -> float:
+        """(max - min) / median of the wall times: how much one run can be trusted."""
+        t = [m.seconds for m in self.all]
+        return round((max(t) - min(t)) / max(self.seconds, 1e-9), 3)
+
+    def summary(self) -> dict:
+        return {"median_s": round(self.seconds, 3), "spread": self.spread(), "runs": len(self.all)}
+
+
+def upscaled_matches_source(src: Path, out: Path, layer_map: list[int]) -> str | None:
+    """None when every tensor of `out` is its source tensor's bytes (block i <- source block
+    layer_map[i], the rest by name), read by gguf-py; else the first difference."""
+    a = {t.name: t for t in GGUFReader(src).tensors}
+    b = GGUFReader(out)
+    names = [t.name for t in b.tensors]
+    want = [n for n in a if not n.startswith("blk.")] + [f"blk.{i}.{n.split('.', 2)[2]}" for i, j in
+                                                          enumerate(layer_map) for n in a if n.startswith(f"blk.{j}.")]
+    if sorted(names) != sorted(want):
+        return f"tensor names differ: {sorted(set(names) ^ set(want))[:3]}"
+    for t in b.tensors:
+        name = t.name
+        if name.startswith("blk."):
+            i, rest = name.split(".", 2)[1:]
+            name = f"blk.{layer_map[int(i)]}.{rest}"
+        s = a[name]
+        if s.tensor_type != t.tensor_type or not np.array_equal(np.asarray(s.data).view(np.uint8),
+                                                                np.asarray(t.data).view(np.uint8)):
+            return f"{t.name} differs from the source's {name}"
+    return None
+
+
+def overlap_halves(n: int) -> list[int]:
+    """The overlap-halves preset's layer map: [0, n/2) + [n/4, 3n/4) + [n/2, n)."""
+    return list(range(0, n // 2)) + list(range(n // 4, n // 4 + n // 2)) + list(range(n // 2, n))
 
 
 def same_bytes(a: Path, b: Path) -> bool:
@@ -159,25 +223,26 @@ def make_file(path: Path, size: int) -> None:
             left -= n
 
 
-def interleaved(n: int, *fns) -> list[Measure]:
+def interleaved(n: int, *fns) -> list[Runs]:
     """Run the contenders alternately n times, each after a `sync` so that earlier writes' flushing
-    does not land on the next measurement; keep each one's fastest run."""
+    does not land on the next measurement; keep every run (medians and spreads are reported)."""
     results: list[list[Measure]] = [[] for _ in fns]
     for _ in range(n):
         for i, fn in enumerate(fns):
             os.sync()
             results[i].append(fn())
-    return [min(r, key=lambda m: m.seconds) for r in results]
+    return [Runs(r) for r in results]
 
 
 def bench_upscale(work: Path, size_gb: float) -> dict:
     # llama-2-7B-like widths, depth chosen to reach the requested size
-    n_embd, n_ff, n_vocab = 4096, 11008, 32000
-    per_layer = (2 * n_embd * n_embd + 2 * 1024 * n_embd + 3 * n_embd * n_ff) * 2
+    n_embd, n_ff, n_vocab = (1024, 2816, 8000) if QUICK else (4096, 11008, 32000)
+    per_layer = (2 * n_embd * n_embd + 2 * (n_embd // 4) * n_embd + 3 * n_embd * n_ff) * 2
     globals_ = 2 * n_vocab * n_embd * 2
     n_layer = max(4, int(np.ceil((size_gb * 1e9 - globals_) / per_layer)))
-    n_layer += n_layer % 2
-    src = synthetic_model(work / f"synthetic-{n_layer}L-F16.gguf", n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_vocab=n_vocab)
+    n_layer += -n_layer % 4
+    src = synthetic_model(work / f"synthetic-{n_layer}L-{n_embd}-F16.gguf", n_layer=n_layer, n_embd=n_embd,
+                          n_ff=n_ff, n_vocab=n_vocab)
     out = work / "upscaled.gguf"
     src_size = src.stat().st_size
 
@@ -185,8 +250,9 @@ def bench_upscale(work: Path, size_gb: float) -> dict:
         out.unlink(missing_ok=True)
         return run_measured(cli("upscale", src, "--preset", "overlap-halves", "-o", out, "-q", "--no-model-card"))
 
-    upscale()  # warm-up run also tells us the output size
+    upscale()  # warm-up run also tells us the output size, and is checked against the source
     out_size = out.stat().st_size
+    diff = upscaled_matches_source(src, out, overlap_halves(n_layer))
     ref = work / "cp-source.bin"
     make_file(ref, out_size)
     dst = work / "cp-dest.bin"
@@ -195,26 +261,26 @@ def bench_upscale(work: Path, size_gb: float) -> dict:
         dst.unlink(missing_ok=True)
         return run_measured(["cp", str(ref), str(dst)])
 
-    cp_m, up_m = interleaved(3, cp, upscale)
+    cp_m, up_m = interleaved(RUNS, cp, upscale)
     dst.unlink(missing_ok=True)
     out.unlink(missing_ok=True)
     ratio = up_m.seconds / cp_m.seconds
     return {
         "source_bytes": src_size, "output_bytes": out_size, "layers": f"{n_layer} -> {n_layer * 3 // 2}",
-        "upscale_s": round(up_m.seconds, 2), "cp_s": round(cp_m.seconds, 2),
+        "upscale": up_m.summary(), "cp": cp_m.summary(),
         "upscale_over_cp": round(ratio, 3), "target_ratio": 1.10,
         "upscale_peak_rss_mb": round(up_m.max_rss / 1e6, 1), "target_rss_mb": 300,
-        "ok": ratio <= 1.10 and up_m.max_rss <= 300e6,
+        "matches_source": diff or True,
+        "ok": diff is None and ratio <= 1.10 and up_m.max_rss <= 300e6,
     }
 
 
 LLAMA_QUANTIZE = """
 import sys, llama_cpp
 from upscaler import llama_log
-from upscaler.quant_types import parse_quant_type
 llama_log.install()  # swallow llama.cpp's log, as gguf-upscale does
 p = llama_cpp.llama_model_quantize_default_params()
-p.ftype = parse_quant_type(sys.argv[3]).ftype
+p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3].upper())  # llama.cpp's own constant
 p.nthread = int(sys.argv[4])
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), p))
 """
@@ -227,6 +293,9 @@ def llama_quantize_cmd(src: Path, dst: Path, qtype: str, threads: int) -> list[s
 
 def quant_source(work: Path) -> Path:
     """~1 GB F16 llama (n_embd 2048, 8 layers, 32k vocab): the source for the quantize and run benchmarks."""
+    if QUICK:
+        return synthetic_model(work / "quant-src-quick.gguf", n_layer=4, n_embd=512, n_ff=1024, n_vocab=2000,
+                               n_head=8, n_head_kv=4)
     return synthetic_model(work / "quant-src-8L-F16.gguf", n_layer=8, n_embd=2048, n_ff=5632, n_vocab=32000,
                            n_head=16, n_head_kv=4)
 
@@ -235,6 +304,9 @@ def run_source(work: Path) -> Path:
     """~1.2 GB F16 llama for `run` (n_embd 2048, 12 layers, 8k vocab). Embeddings are 3% of its
     weights, near the seed's 70B (under 1%); with a 32k vocab they would be a quarter, and their
     quantization, done once on either path, would hide what the duplicated layers cost."""
+    if QUICK:
+        return synthetic_model(work / "run-src-quick.gguf", n_layer=8, n_embd=512, n_ff=1024, n_vocab=2000,
+                               n_head=8, n_head_kv=4)
     return synthetic_model(work / "run-src-12L-F16.gguf", n_layer=12, n_embd=2048, n_ff=5632, n_vocab=8000,
                            n_head=16, n_head_kv=4)
 
@@ -251,13 +323,13 @@ def bench_quantize(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
         ref.unlink(missing_ok=True)
         return run_measured(llama_quantize_cmd(src, ref, qtype, threads))
 
-    ref_m, ours_m = interleaved(3, ref_run, ours_run)
+    ref_m, ours_m = interleaved(RUNS, ref_run, ours_run)
     identical = same_bytes(ours, ref)
     ours.unlink(missing_ok=True)
     ref.unlink(missing_ok=True)
     ratio = ours_m.seconds / ref_m.seconds
     return {"source_bytes": src.stat().st_size, "type": qtype, "threads": threads,
-            "gguf_upscale_quantize_s": round(ours_m.seconds, 2), "llama_cpp_quantize_s": round(ref_m.seconds, 2),
+            "gguf_upscale_quantize": ours_m.summary(), "llama_cpp_quantize": ref_m.summary(),
             "ours_over_llama_cpp": round(ratio, 3), "target_ratio": 1.0,
             "ours_peak_rss_mb": round(ours_m.max_rss / 1e6, 1), "llama_cpp_peak_rss_mb": round(ref_m.max_rss / 1e6, 1),
             "byte_identical": identical, "ok": identical and ratio <= 1.0}
@@ -267,7 +339,7 @@ def bench_run(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
     src = run_source(work)
     up, two, one = work / "two-step-F16.gguf", work / "two-step.gguf", work / "one-shot.gguf"
 
-    def two_step() -> Measure:
+    def two_step() -> Measure:  # one run of the two-step path: both steps' times, the larger peak
         for p in (up, two):
             p.unlink(missing_ok=True)
         a = run_measured(cli("upscale", src, "--preset", "overlap-halves", "-o", up, "-q", "--no-model-card"))
@@ -279,17 +351,19 @@ def bench_run(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
         return run_measured(cli("run", src, "--preset", "overlap-halves", "-o", one, "--type", qtype,
                                 "--threads", threads, "--no-smoke", "--no-model-card"))
 
-    two_m, one_m = interleaved(2, two_step, one_shot)
+    two_m, one_m = interleaved(RUNS, two_step, one_shot)
     identical = same_bytes(one, two)
+    n = int(GGUFReader(src).fields["llama.block_count"].parts[-1][0])
+    diff = upscaled_matches_source(src, up, overlap_halves(n))
     for p in (up, two, one):
         p.unlink(missing_ok=True)
     ratio = one_m.seconds / two_m.seconds
-    return {"source_bytes": src.stat().st_size, "plan": "overlap-halves (12 -> 18 layers)", "type": qtype,
-            "threads": threads, "one_shot_s": round(one_m.seconds, 2), "two_step_s": round(two_m.seconds, 2),
+    return {"source_bytes": src.stat().st_size, "plan": f"overlap-halves ({n} -> {n * 3 // 2} layers)", "type": qtype,
+            "threads": threads, "one_shot": one_m.summary(), "two_step": two_m.summary(),
             "one_shot_over_two_step": round(ratio, 3), "target_ratio": 0.75,
             "one_shot_peak_rss_mb": round(one_m.max_rss / 1e6, 1), "two_step_peak_rss_mb": round(two_m.max_rss / 1e6, 1),
-            "target_rss_mb": 1000, "byte_identical": identical,
-            "ok": identical and ratio <= 0.75 and one_m.max_rss <= 1e9}
+            "target_rss_mb": 1000, "byte_identical": identical, "upscaled_matches_source": diff or True,
+            "ok": identical and diff is None and ratio <= 0.75 and one_m.max_rss <= 1e9}
 
 
 PLAIN_UPSCALE = """
@@ -344,12 +418,13 @@ def _mount_loop(work: Path, size: int) -> tuple[Path, str] | str:
 def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
     """Seed-style overlap-halves upscale written on a loop-mounted XFS/btrfs: duplicated layers cloned
     from their first copy (the tool's default) vs a plain write of every tensor; disk used, time, bytes."""
-    n_embd, n_ff, n_vocab = 4096, 11008, 32000
-    per_layer = (2 * n_embd * n_embd + 2 * 1024 * n_embd + 3 * n_embd * n_ff) * 2
+    n_embd, n_ff, n_vocab = (1024, 2816, 8000) if QUICK else (4096, 11008, 32000)
+    size_gb = 0.3 if QUICK else size_gb
+    per_layer = (2 * n_embd * n_embd + 2 * (n_embd // 4) * n_embd + 3 * n_embd * n_ff) * 2
     n_layer = max(4, int(np.ceil((size_gb * 1e9 - 2 * n_vocab * n_embd * 2) / per_layer)))
     n_layer += -n_layer % 4
-    src = synthetic_model(work / f"synthetic-{n_layer}L-F16.gguf", n_layer=n_layer, n_embd=n_embd, n_ff=n_ff,
-                          n_vocab=n_vocab)
+    src = synthetic_model(work / f"synthetic-{n_layer}L-{n_embd}-F16.gguf", n_layer=n_layer, n_embd=n_embd,
+                          n_ff=n_ff, n_vocab=n_vocab)
     out_estimate = int(src.stat().st_size * 1.5)
     mounted = _mount_loop(work, 3 * out_estimate + 1024**3)
     if isinstance(mounted, str):
@@ -360,7 +435,7 @@ def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
         cmds = {"plain": (plain, [sys.executable, "-c", PLAIN_UPSCALE, str(src), "overlap-halves", str(plain)]),
                 "shared": (shared, cli("upscale", src, "--preset", "overlap-halves", "-o", shared, "-q", "--no-model-card"))}
         rows: dict[str, dict] = {}
-        for order in (("plain", "shared"), ("shared", "plain")):  # alternate; keep each one's fastest run
+        for order in (("plain", "shared"), ("shared", "plain")) * max(1, (RUNS + 1) // 2):  # alternate
             for label in order:
                 path, cmd = cmds[label]
                 path.unlink(missing_ok=True)
@@ -373,10 +448,17 @@ def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
                        "st_blocks": path.stat().st_blocks * 512}
                 if label not in rows:
                     rows[label] = row
-                else:  # disk use from the first run of each; time from the fastest
+                    rows[label]["runs"] = {"s": [row["s"]], "s_synced": [row["s_synced"]]}
+                else:  # disk use from the first run of each; times: the median over all runs
                     for k in ("s", "s_synced"):
-                        rows[label][k] = min(rows[label][k], row[k])
+                        rows[label]["runs"][k].append(row[k])
+        for row in rows.values():
+            for k in ("s", "s_synced"):
+                t = row["runs"][k]
+                row[k] = float(np.median(t))
+                row[k + "_spread"] = round((max(t) - min(t)) / max(row[k], 1e-9), 3)
         identical = same_bytes(plain, shared)
+        diff = upscaled_matches_source(src, shared, overlap_halves(n_layer))
         p, s = rows["plain"], rows["shared"]
         ratio = s["used"] / s["apparent"]
         unique = src.stat().st_size / s["apparent"]  # every source byte once: the floor for sharing
@@ -387,10 +469,12 @@ def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
             "shared_used_over_apparent": round(ratio, 3), "unique_content_over_apparent": round(unique, 3),
             "du_st_blocks_bytes": s["st_blocks"], "du_note": "st_blocks (du) counts shared extents in full",
             "plain_s": round(p["s"], 2), "shared_s": round(s["s"], 2),
+            "plain_spread": p["s_spread"], "shared_spread": s["s_spread"],
             "shared_over_plain_time": round(s["s"] / p["s"], 3),
             "plain_s_with_sync": round(p["s_synced"], 2), "shared_s_with_sync": round(s["s_synced"], 2),
             "shared_over_plain_time_with_sync": round(s["s_synced"] / p["s_synced"], 3),
-            "byte_identical": identical, "ok": identical and ratio <= unique + 0.02,
+            "byte_identical": identical, "matches_source": diff or True,
+            "ok": identical and diff is None and unique - 0.02 <= ratio <= unique + 0.02,
         }
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
@@ -407,7 +491,13 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=ROOT / "out" / "bench")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads for both quantizers")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic models for the next run")
+    ap.add_argument("--runs", type=int, default=3, help="runs of each contender (median and spread reported)")
+    ap.add_argument("--quick", action="store_true", help="small sources, one run: check the harness")
     args = ap.parse_args()
+    global RUNS, QUICK
+    RUNS, QUICK = (1 if args.quick else max(1, args.runs)), args.quick
+    if args.quick:
+        args.size_gb = min(args.size_gb, 0.3)
     args.dir.mkdir(parents=True, exist_ok=True)
     results = {}
     try:
@@ -423,8 +513,12 @@ def main() -> int:
             shutil.rmtree(args.dir, ignore_errors=True)
     (ROOT / "out").mkdir(exist_ok=True)
     (ROOT / "out" / "bench.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps({k: v.get("ok") for k, v in results.items()}))
-    return 0
+    verdict = {k: v.get("ok") for k, v in results.items()}
+    print(json.dumps(verdict))
+    missed = [k for k, ok in verdict.items() if ok is False]
+    for k in missed:
+        print(f"bench: {k} missed its target or its output differs from the reference", file=sys.stderr)
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-from upscaler.source import SourceModel, TensorReader
+import numpy as np
+from gguf import GGUFReader
+
+from upscaler.source import SourceModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +38,27 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *fragments: st
         assert f in lines[0], (f, lines[0])
 
 
+def shard_files(path: Path) -> list[Path]:
+    """`path` itself, or every shard of the set when it is one `-0000I-of-0000N.gguf` shard."""
+    m = re.fullmatch(r"(.*)-\d{5}-of-(\d{5})\.gguf", Path(path).name)
+    if m is None:
+        return [Path(path)]
+    n = int(m.group(2))
+    return [Path(path).with_name(f"{m.group(1)}-{i:05d}-of-{n:05d}.gguf") for i in range(1, n + 1)]
+
+
 def tensor_bytes(path: Path) -> dict[str, bytes]:
-    """Every tensor's raw bytes, by name (any file or shard set)."""
-    m = SourceModel(path)
-    with TensorReader() as r:
-        return {name: bytes(r.read(t)) for name, t in m.tensors.items()}
+    """Every tensor's raw bytes, by name (any file or shard set), read by gguf-py's GGUFReader:
+    an oracle independent of the project's own reader."""
+    out: dict[str, bytes] = {}
+    for p in shard_files(path):
+        for t in GGUFReader(p).tensors:
+            out[t.name] = np.ascontiguousarray(t.data).tobytes()
+    return out
 
 
 def tensor_types(path: Path) -> dict[str, str]:
-    return {name: t.ggml_type.name for name, t in SourceModel(path).tensors.items()}
+    return {t.name: t.tensor_type.name for p in shard_files(path) for t in GGUFReader(p).tensors}
 
 
 def metadata(path: Path) -> dict[str, object]:

@@ -785,3 +785,72 @@ def test_end_to_end_llama_quantize_uses_the_remapped_imatrix(tmp_path: Path, tin
         assert dst.tobytes() == np.asarray(t_out.data).tobytes(), name
         checked += 1
     assert checked >= 4
+
+
+# --------------------------------------------------------------------------- whole files, through the CLI
+
+
+def _full_stats(n_layer: int, seed: int = 0) -> Stats:
+    """Statistics for every matrix of modelfactory's llama (n_embd 256, n_ff 512), as imatrix.cpp collects."""
+    rng = np.random.default_rng(seed)
+    stats: Stats = {}
+    for i in range(n_layer):
+        for kind, n in (("attn_q", 256), ("attn_k", 256), ("attn_v", 256), ("attn_output", 256),
+                        ("ffn_gate", 256), ("ffn_up", 256), ("ffn_down", 512)):
+            stats[f"blk.{i}.{kind}.weight"] = (rng.uniform(1, 50, n).astype(np.float32), [CHUNK_SIZE * (3 + i)])
+    stats["output.weight"] = (rng.uniform(1, 50, 256).astype(np.float32), [CHUNK_SIZE * 3])
+    return stats
+
+
+def _write_matrix(path: Path, fmt: str, stats: Stats) -> Path:
+    if fmt == "dat":
+        write_legacy_like_imatrix_cpp(path, stats, last_chunk=6, dataset=DATASET)
+    else:
+        write_gguf_like_imatrix_cpp(path, stats, datasets=[DATASET, "other.txt"], last_chunk=6)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["dat", "gguf"])
+@pytest.mark.parametrize("type_name", ["IQ2_XXS", "Q4_K_M"])
+def test_quantize_with_imatrix_is_llama_quantize_whole_file(fmt: str, type_name: str, tiny_llama: Path,
+                                                            tmp_path: Path) -> None:
+    """`quantize --imatrix FILE` writes the very file llama-quantize writes given FILE: metadata keys,
+    their order and values (quantize.imatrix.*), tensor types and bytes."""
+    from helpers import cli
+    from llama_reference import llama_quantize, read_imatrix
+    im = _write_matrix(tmp_path / f"m.{fmt}", fmt, _full_stats(4))
+    ours = tmp_path / "ours.gguf"
+    cli("quantize", tiny_llama, "-o", ours, "--type", type_name, "--imatrix", im, check=True)
+    ref = llama_quantize(tiny_llama, tmp_path / "ref.gguf", type_name, imatrix=read_imatrix(im), imatrix_file=str(im))
+    assert list(GGUFReader(ours).fields) == list(GGUFReader(ref).fields)
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["dat", "gguf"])
+def test_run_with_named_imatrix_is_the_two_step_path(fmt: str, tiny_llama: Path, tmp_path: Path) -> None:
+    """`run --imatrix NAME=FILE` (the recipe's model name) equals upscale + llama-quantize given the
+    source matrix with each output layer's entries copied from its source layer (renamed here,
+    independently of gguf-upscale imatrix), recording the source matrix as given."""
+    from helpers import cli
+    from llama_reference import Imatrix, llama_quantize, read_imatrix
+    im = _write_matrix(tmp_path / f"src.{fmt}", fmt, _full_stats(4, seed=5))
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text("merge_method: passthrough\nslices:\n"
+                   "  - sources: [{model: base, layer_range: [0, 3]}]\n"
+                   "  - sources: [{model: base, layer_range: [1, 4]}]\n")
+    recipe = ["--config", cfg, "--model", f"base={tiny_llama}"]
+    one = tmp_path / "one.gguf"
+    cli("run", *recipe, "-o", one, "--type", "IQ2_XXS", "--imatrix", f"base={im}", "--no-smoke", check=True)
+    up = tmp_path / "up.gguf"
+    cli("upscale", *recipe, "-o", up, check=True)
+    src = read_imatrix(im)
+    layer_map = [0, 1, 2, 1, 2, 3]
+    values = {n: v for n, v in src.values.items() if not n.startswith("blk.")}
+    for i, j in enumerate(layer_map):
+        values.update({n.replace(f"blk.{j}.", f"blk.{i}.", 1): v for n, v in src.values.items()
+                       if n.startswith(f"blk.{j}.")})
+    ref = llama_quantize(up, tmp_path / "two.gguf", "IQ2_XXS",
+                         imatrix=Imatrix(values, src.datasets, src.chunk_count), imatrix_file=str(im),
+                         entries_count=len(src.values))
+    assert list(GGUFReader(one).fields) == list(GGUFReader(ref).fields)
+    assert one.read_bytes() == ref.read_bytes()

@@ -13,6 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader
 
+from llama_reference import Imatrix, ftype_of, llama_quantize
 from modelfactory import make_model
 from upscaler import ggml, llama_log, quant_types
 from upscaler.errors import QuantizeError
@@ -75,8 +76,9 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> Quantized:
         key = (src, ftype, with_imatrix)
         if key not in cache:
             out = out_dir / f"{src.stem}-{ftype}{'-imat' if with_imatrix else ''}.gguf"
-            quantize_file(src, out, ftype, n_threads=1, allow_requantize=True,
-                          imatrix=_imatrix(src) if with_imatrix else None)
+            # llama.cpp's driver with its own LLAMA_FTYPE_* constants (tests/llama_reference.py),
+            # not the code under test
+            llama_quantize(src, out, ftype, imatrix=Imatrix(_imatrix(src)) if with_imatrix else None)
             cache[key] = out
         return cache[key]
 
@@ -114,6 +116,24 @@ def test_parse_quant_type() -> None:
     assert parse_quant_type(0).name == "F32" and parse_quant_type("copy").only_copy
     with pytest.raises(QuantizeError, match=r"unknown quantization type 'Q4_K_XL'; valid types: Q1_0, .*IQ4_XS"):
         parse_quant_type("Q4_K_XL")
+
+
+def test_type_names_are_llama_cpps() -> None:
+    """Every type name maps to the llama_ftype llama-cpp-python defines for it (Q5_K_S, Q5_K_M too)."""
+    import llama_cpp
+    for q in QUANT_TYPES:
+        assert q.ftype == ftype_of(q.name), q.name
+    assert parse_quant_type("Q5_K_S").ftype == llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_S
+    assert parse_quant_type("Q5_K_M").ftype == llama_cpp.LLAMA_FTYPE_MOSTLY_Q5_K_M
+    # and every llama_ftype llama-cpp-python knows (but the guessed and the removed) has a name here
+    known = {int(getattr(llama_cpp, k)) for k in dir(llama_cpp)
+             if k.startswith("LLAMA_FTYPE_") and k != "LLAMA_FTYPE_GUESSED"}
+    assert known <= {q.ftype for q in QUANT_TYPES} | _REMOVED_FTYPES, sorted(known - {q.ftype for q in QUANT_TYPES})
+
+
+# llama.h: Q4_1_SOME_F16 = 4 and Q4_2 / Q4_3 = 5 / 6 are gone, Q4_0_4_4 .. Q4_0_8_8 = 33..35 removed;
+# NVFP4 = 39 is declared but llama-quantize does not offer it (not in quantize.cpp's QUANT_OPTIONS)
+_REMOVED_FTYPES = {4, 5, 6, 33, 34, 35, 39}
 
 
 def test_default_types_match_llama_cpp() -> None:

@@ -19,10 +19,10 @@ SEED = "0:40,20:60,40:80"
 
 
 def llama_quantize(src: Path, dst: Path, type_name: str, imatrix: dict[str, np.ndarray] | None = None) -> Path:
-    """The reference: llama.cpp's own driver (llama_model_quantize), like `llama-quantize`."""
-    from upscaler.llama_quant import quantize_file
-    quantize_file(src, dst, type_name, n_threads=1, imatrix=imatrix, allow_requantize=True)
-    return dst
+    """The reference: llama.cpp's own driver (llama_model_quantize), like `llama-quantize`, with
+    parameters from llama-cpp-python's constants (tests/llama_reference.py), not the code under test."""
+    from llama_reference import Imatrix, llama_quantize as reference
+    return reference(src, dst, type_name, imatrix=Imatrix(dict(imatrix)) if imatrix is not None else None)
 
 
 def source_imatrix(model: Path, path: Path, seed: int = 0) -> Path:

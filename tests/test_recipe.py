@@ -93,3 +93,38 @@ def test_recipe_round_trips_through_yaml() -> None:
     again = parse_yaml_text(r.to_yaml())
     assert ranges(again) == ranges(r)
     assert again.slices[1].sources[0].parameters == r.slices[1].sources[0].parameters
+
+
+def test_star_filter_validation_and_empty_lists() -> None:
+    """mergekit 0.1.5's evaluate_setting: "*" matches everything, values are validated as the
+    parameter's type before a list is called a gradient, an empty list is no value."""
+    from upscaler.recipe import NORMALIZE, SCALE
+    assert evaluate_setting("lm_head.weight", [{"filter": "*", "value": 0.5}], 0, validate=SCALE) == 0.5
+    assert evaluate_setting("lm_head.weight", {"filter": "*", "value": [0.0, 1.0]}, 0.25, validate=SCALE) == 0.25
+    assert evaluate_setting("x", ["0.5", True], 0.5, validate=SCALE) == 0.75  # strings and booleans are numbers
+    assert evaluate_setting("x", [False, True], 0.5, validate=NORMALIZE) is False  # discrete: int(0.5) == 0
+    assert evaluate_setting("x", [], 0.5, validate=SCALE) is None
+    assert evaluate_setting("model.norm.weight", [{"filter": "o_proj", "value": 0}], 0, validate=SCALE) is None
+    with pytest.raises(RecipeError, match="valid number"):
+        evaluate_setting("x", "half", 0, validate=SCALE)
+
+
+def test_filter_list_matching_nothing_falls_through() -> None:
+    r = parse_yaml_text("""
+merge_method: passthrough
+parameters: {scale: 0.1}
+slices:
+  - sources: [{model: m, layer_range: [0, 2], parameters: {scale: [{filter: o_proj, value: 0}]}}]
+    parameters: {scale: [{filter: mlp, value: 0.5}]}
+""")
+    assert lookup_parameter(r, 0, 0, "scale", "model.layers.0.self_attn.o_proj.weight", 0) == 0
+    assert lookup_parameter(r, 0, 0, "scale", "model.layers.0.mlp.up_proj.weight", 0) == 0.5
+    assert lookup_parameter(r, 0, 0, "scale", "model.layers.0.self_attn.q_proj.weight", 0) == 0.1
+
+
+def test_dtype_names_and_models_form_base_model() -> None:
+    assert parse_yaml_text("merge_method: passthrough\ndtype: torch.bfloat16\nmodels: [{model: a}]\n").dtype == "bfloat16"
+    with pytest.raises(RecipeError, match="dtype"):
+        parse_yaml_text("merge_method: passthrough\ndtype: int64\nmodels: [{model: a}]\n")
+    with pytest.raises(RecipeError, match="base_model"):
+        parse_yaml_text("merge_method: passthrough\nbase_model: b\nmodels: [{model: a}]\n")

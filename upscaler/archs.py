@@ -195,20 +195,14 @@ _GEMMA_HF = {
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
-_MIXTRAL_HF = {  # llama with experts (Mixtral): mergekit sees block_sparse_moe.*
-    "ffn_gate_inp": "block_sparse_moe.gate",
-    "ffn_gate_exps": "block_sparse_moe.experts.w1",
-    "ffn_down_exps": "block_sparse_moe.experts.w2",
-    "ffn_up_exps": "block_sparse_moe.experts.w3",
-}
-
-_QWEN_MOE_HF = {  # Qwen2/3 MoE checkpoints: mlp.gate router, mlp.experts.N.{gate,up,down}_proj
-    "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_exps": "mlp.experts.gate_proj",
-    "ffn_up_exps": "mlp.experts.up_proj",
+_MIXTRAL_HF = {  # llama with experts (Mixtral), as mergekit 0.1.5 names them (_data/architectures/mixtral.json):
+    "ffn_gate_inp": "mlp.gate",  # stacked experts, gate and up fused in one HF tensor (no ".weight")
+    "ffn_gate_exps": "mlp.experts.gate_up_proj",
+    "ffn_up_exps": "mlp.experts.gate_up_proj",
     "ffn_down_exps": "mlp.experts.down_proj",
 }
 
+_QWEN_MOE_HF = dict(_MIXTRAL_HF)  # Qwen2/3 MoE: the same names in mergekit 0.1.5 (qwen3_moe.json)
 _QWEN2_MOE_HF = {**_QWEN_MOE_HF,  # plus the shared expert and its sigmoid gate
                  "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
                  "ffn_gate_shexp": "mlp.shared_expert.gate_proj",

@@ -24,6 +24,9 @@ class OutTensor:
     factor: float = 1.0
     ggml_type: GGMLQuantizationType | None = None  # None: the source's type (no re-quantization)
     n_bytes: int | None = None  # None: the source's size
+    # mergekit's merge and output dtypes: a scale is computed through them (tensor_data.scale_values)
+    dtype: str | None = None
+    out_dtype: str | None = None
 
     @property
     def type(self) -> GGMLQuantizationType:
@@ -50,7 +53,7 @@ class OutTensor:
     @property
     def content_key(self) -> tuple:
         """Equal keys mean equal bytes: duplicated layers are computed once and reused."""
-        return (str(self.source.path), self.source.offset, self.factor, int(self.type))
+        return (str(self.source.path), self.source.offset, self.factor, int(self.type), self.dtype, self.out_dtype)
 
 
 @dataclass
@@ -83,19 +86,24 @@ def build_output(plan: Plan, models: dict[str, SourceModel], *, name: str | None
     def global_tensor(t: SourceTensor) -> OutTensor:
         src_model = models[global_source(t.name, plan)]
         src = src_model.tensors.get(t.name, t)
-        return OutTensor(t.name, src, plan.global_scales.get(t.name, 1.0))
+        return scaled(t.name, src, plan.global_scales.get(t.name, 1.0))
+
+    def scaled(name: str, src: SourceTensor, factor: float) -> OutTensor:
+        if factor in (0.0, 1.0):
+            return OutTensor(name, src, factor)
+        return OutTensor(name, src, factor, dtype=plan.recipe.dtype, out_dtype=plan.recipe.out_dtype)
 
     tensors = [global_tensor(t) for t in before]
     for layer in plan.layers:
         m = models[layer.model]
         src_order = [t for t in m.tensors.values() if t.block == layer.source_layer]
         for t in src_order:
-            tensors.append(OutTensor(f"blk.{layer.index}.{t.suffix}", t, layer.scale_of(t.suffix)))
+            tensors.append(scaled(f"blk.{layer.index}.{t.suffix}", t, layer.scale_of(t.suffix)))
     tensors += [global_tensor(t) for t in after]
     # a model with output.weight only in the head model (embed model tied) keeps whatever the head has
     head = models[plan.head_model]
     names = {t.name for t in tensors}
     for t in head.non_block_tensors:
         if t.name not in names and t.name.startswith("output"):
-            tensors.append(OutTensor(t.name, t, plan.global_scales.get(t.name, 1.0)))
+            tensors.append(scaled(t.name, t, plan.global_scales.get(t.name, 1.0)))
     return OutputModel(kvs=kvs, tensors=tensors, alignment=emb.alignment, warnings=notes)

@@ -13,7 +13,7 @@ from typing import Any
 
 from . import archs
 from .errors import RecipeError
-from .recipe import Recipe, lookup_parameter
+from .recipe import NORMALIZE, SCALE, WEIGHT, Recipe, lookup_parameter
 from .llama_limits import LLAMA_MAX_LAYERS
 from .source import SourceModel, SourceTensor
 
@@ -48,13 +48,16 @@ COMPAT_KEYS = ("embedding_length", "feed_forward_length", "attention.head_count"
 
 
 def hf_tensor_name(suffix: str, layer: int | None, arch: str | None = None) -> str:
-    """Names a mergekit filter may match: the HF form (as `arch`'s checkpoint names it) and the GGUF form."""
+    """The name a mergekit filter is matched against: the tensor's HF name as `arch`'s checkpoint
+    has it (mergekit sees only those), at the source model's layer number (mergekit resolves
+    per-input parameters against the input tensor's name)."""
     base, _, kind = suffix.rpartition(".")  # "attn_output.weight" -> ("attn_output", "weight")
     if layer is None:
-        hf = f"{HF_GLOBAL.get(base, base)}.{kind}"
-        return f"{hf} {suffix}"
-    hf = f"model.layers.{layer}.{archs.hf_name(arch, base) or HF_NAMES.get(base, base)}.{kind}"
-    return f"{hf} blk.{layer}.{suffix}"
+        return f"{HF_GLOBAL.get(base, base)}.{kind}"
+    hf = archs.hf_name(arch, base) or HF_NAMES.get(base, base)
+    if ".experts." in hf:  # mergekit's stacked expert tensors carry no ".weight"
+        return f"model.layers.{layer}.{hf}"
+    return f"model.layers.{layer}.{hf}.{kind}"
 
 
 @dataclass(frozen=True)
@@ -165,15 +168,40 @@ def _digest(value: Any) -> str | None:
 
 def _scales_for(recipe: Recipe, slice_idx: int, src_idx: int, tensors: dict[str, SourceTensor],
                 layer: int, t: float, weight_factor: float, arch: str | None = None) -> tuple[tuple[str, float], ...]:
+    """Per-tensor factors of one output layer, as mergekit resolves them.
+
+    passthrough: the source's `scale` (None: unscaled) times `weight_factor`. linear: `scale`
+    is not one of its parameters (mergekit ignores it); the factor is the chosen source's
+    `weight` where `normalize` is false for that tensor, else 1 (`weight_factor` is ignored:
+    a gradient weight differs per tensor).
+    """
     out = []
     for suffix in sorted(tensors):
         name = hf_tensor_name(suffix, layer, arch)
-        scale = lookup_parameter(recipe, slice_idx, src_idx, "scale", name, t)
-        factor = (1.0 if scale is None else _as_float(scale, "scale")) * weight_factor
+        if recipe.method == "linear":
+            factor = _linear_factor(recipe, slice_idx, src_idx, name, t)
+        else:
+            scale = lookup_parameter(recipe, slice_idx, src_idx, "scale", name, t, validate=SCALE)
+            factor = (1.0 if scale is None else _as_float(scale, "scale")) * weight_factor
         if factor != 1.0:
             _check_offset_norm(arch, f"blk.{layer}.{suffix}", factor)
             out.append((suffix, factor))
     return tuple(out)
+
+
+def _linear_factor(recipe: Recipe, si: int, k: int, name: str, t: float) -> float:
+    """The factor of source `k` in a linear slice where it is the only non-zero one: its weight
+    divided by the sum of weights (1) when normalizing, else the weight itself."""
+    if _normalize(recipe, si, name, t):
+        return 1.0
+    w = lookup_parameter(recipe, si, k, "weight", name, t, validate=WEIGHT)
+    return 1.0 if w is None else float(w)
+
+
+def _normalize(recipe: Recipe, si: int, name: str, t: float) -> bool:
+    """linear's shared `normalize`: the slice's setting, then the global one (default true)."""
+    v = lookup_parameter(recipe, si, None, "normalize", name, t, validate=NORMALIZE)
+    return recipe.normalize if v is None else bool(v)
 
 
 def _check_offset_norm(arch: str | None, name: str, factor: float) -> None:
@@ -185,15 +213,19 @@ def _check_offset_norm(arch: str | None, name: str, factor: float) -> None:
 
 
 def _as_float(v: Any, what: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if not isinstance(v, (int, float)):
         raise RecipeError(f"parameter {what} must be a number, got {v!r}")
     return float(v)
 
 
 def _linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> tuple[int, float]:
-    """A linear slice is a passthrough when exactly one source has a non-zero weight."""
+    """A linear slice is a passthrough when exactly one source has a non-zero weight.
+
+    Returns that source and its factor on the slice's first tensor (see _scales_for: the
+    factor is evaluated per tensor, since a gradient weight differs between layers)."""
     s = recipe.slices[si]
-    chosen: set[tuple[int, float]] = set()
+    chosen: set[int] = set()
+    first: float | None = None
     for j, src in enumerate(s.sources):
         a, b = src.layer_range
         model = models[src.model]
@@ -201,25 +233,34 @@ def _linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> t
             t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
             for suffix in model.blocks.get(layer, {}):
                 name = hf_tensor_name(suffix, layer, model.arch)
-                weights = []
-                for k in range(len(s.sources)):
-                    w = lookup_parameter(recipe, si, k, "weight", name, t)
-                    if w is None:
-                        raise RecipeError(f"slice {si}: source {s.sources[k].model!r} has no weight "
-                                          "(linear merges need a weight for every source)")
-                    weights.append(_as_float(w, "weight"))
-                nonzero = [k for k, w in enumerate(weights) if w != 0.0]
-                if len(nonzero) != 1:
-                    raise RecipeError(f"slice {si}: {len(nonzero)} sources have a non-zero weight for {name.split()[0]}; "
-                                      "only linear slices with exactly one non-zero source can be done as passthrough")
-                k = nonzero[0]
-                factor = 1.0 if recipe.normalize else weights[k]
-                chosen.add((k, factor))
+                k = _nonzero_source(recipe, si, name, t, lambda kk: hf_tensor_name(
+                    suffix, s.sources[kk].layer_range[0] + layer - a, model.arch))
+                chosen.add(k)
+                if first is None:
+                    first = _linear_factor(recipe, si, k, name, t)
         break  # all sources of a slice cover the same number of layers; the first is enough
     if len(chosen) != 1:
-        raise RecipeError(f"slice {si}: the non-zero source or its weight changes between tensors; "
+        raise RecipeError(f"slice {si}: the non-zero source changes between tensors; "
                           "that is a real merge, not a passthrough")
-    return chosen.pop()
+    return chosen.pop(), 1.0 if first is None else first
+
+
+def _nonzero_source(recipe: Recipe, si: int, name: str, t: float, input_name=None) -> int:
+    """The one source of linear slice `si` with a non-zero weight for tensor `name` (mergekit
+    resolves each source's weight against that source's own tensor name, `input_name(k)`)."""
+    s = recipe.slices[si]
+    weights = []
+    for k in range(len(s.sources)):
+        w = lookup_parameter(recipe, si, k, "weight", input_name(k) if input_name else name, t, validate=WEIGHT)
+        if w is None:
+            raise RecipeError(f"slice {si}: source {s.sources[k].model!r} has no weight for {name} "
+                              "(linear merges need a weight for every source)")
+        weights.append(float(w))
+    nonzero = [k for k, w in enumerate(weights) if w != 0.0]
+    if len(nonzero) != 1:
+        raise RecipeError(f"slice {si}: {len(nonzero)} sources have a non-zero weight for {name}; "
+                          "only linear slices with exactly one non-zero source can be done as passthrough")
+    return nonzero[0]
 
 
 def _whole_model_ranges(recipe: Recipe, used: dict[str, SourceModel]) -> Recipe:
@@ -282,19 +323,49 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
     if recipe.method == "linear":  # the chosen source, not necessarily the first listed
         plan.embed_model = layers[0].model
         plan.head_model = layers[-1].model
+    _check_tokenizer_source(recipe, used, plan.embed_model)
     _global_scales(plan, used)
     return plan
 
 
+def _check_tokenizer_source(recipe: Recipe, models: dict[str, SourceModel], embed_model: str) -> None:
+    """mergekit's tokenizer_source: the output carries that model's tokenizer, and the embeddings
+    are permuted to its vocabulary (the identity when vocabularies agree, which stacking requires).
+    The output's tokenizer metadata is the first slice's model's, so the two must agree."""
+    tok = recipe.tokenizer_source
+    if tok is None or tok == embed_model:
+        return
+    a, b = models[embed_model], models[tok]
+    for key in sorted(k for k in set(a.kvs) | set(b.kvs) if k.startswith("tokenizer.")):
+        va, vb = a.get(key), b.get(key)
+        if (_digest(va) if isinstance(va, list) else va) != (_digest(vb) if isinstance(vb, list) else vb):
+            raise RecipeError(f"tokenizer_source {tok!r}: its {key} differs from that of {embed_model!r}, "
+                              "whose tokenizer the output carries; taking another model's tokenizer is not supported")
+
+
 def _global_scales(plan: Plan, models: dict[str, SourceModel]) -> None:
-    """Scale rules also apply to non-block tensors (mergekit evaluates them for every tensor)."""
-    first, last = plan.layers[0], plan.layers[-1]
+    """Scale rules also apply to the embeddings and the head, as mergekit plans them
+    (MergePlanner.plan_module): `token_embd` with the first slice's parameters, `output_norm`
+    and `output` with the last slice's, both at t = 0 (the module's ConfigReader; a gradient
+    gives them its first value). Tensors with no HF weight (rope_freqs, ...) are never scaled."""
+    recipe = plan.recipe
     for name in (t.name for t in models[plan.embed_model].non_block_tensors):
-        head = name.startswith("output")
-        ref = last if head else first
-        src_idx = 0
-        scale = lookup_parameter(plan.recipe, ref.slice_index, src_idx, "scale",
-                                 hf_tensor_name(name, None), 1.0 if head else 0.0)
-        if scale is not None and _as_float(scale, "scale") != 1.0:
-            _check_offset_norm(plan.arch, name, float(scale))
-            plan.global_scales[name] = float(scale)
+        base, _, kind = name.rpartition(".")
+        if base not in HF_GLOBAL:
+            continue
+        head = base != "token_embd"
+        si = len(recipe.slices) - 1 if head else 0
+        hf = hf_tensor_name(name, None)
+        if recipe.method == "linear":
+            k = _nonzero_source(recipe, si, hf, 0.0)
+            model = recipe.slices[si].sources[k].model
+            if model != (plan.head_model if head else plan.embed_model):
+                raise RecipeError(f"slice {si}: the non-zero weight for {hf} is {model!r}'s, not that of the model "
+                                  "its layers come from; that is a real merge, not a passthrough")
+            factor = _linear_factor(recipe, si, k, hf, 0.0)
+        else:
+            scale = lookup_parameter(recipe, si, 0, "scale", hf, 0.0, validate=SCALE)
+            factor = 1.0 if scale is None else _as_float(scale, "scale")
+        if factor != 1.0:
+            _check_offset_norm(plan.arch, name, factor)
+            plan.global_scales[name] = factor

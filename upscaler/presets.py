@@ -9,22 +9,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import archs
 from .errors import RecipeError
 from .recipe import MergeConfig, Recipe, normalize_config
 
-# What writes into the residual stream: attention output and FFN down projection; for
-# Mixtral-style experts mergekit sees the latter as block_sparse_moe.experts.w2. Families whose
-# HF names differ (Falcon's self_attention.dense, StarCoder2's c_proj, InternLM2's wo/w2, ...)
-# are reached by llama.cpp's own kinds, attn_output and ffn_down (also _exps and _shexp).
-ZERO_OUT_RESIDUAL = {"scale": [{"filter": "o_proj", "value": 0.0},
-                               {"filter": "down_proj", "value": 0.0},
-                               {"filter": "experts.w2", "value": 0.0},
-                               {"filter": "attn_output.", "value": 0.0},  # not attn_output_norm
-                               {"filter": "ffn_down", "value": 0.0},
-                               {"value": 1.0}]}
+# What writes into the residual stream: attention output and FFN down projection, named as the
+# HF checkpoint names them (mergekit's filters see HF names only). Llama-shaped families and
+# mergekit 0.1.5's stacked experts (mlp.experts.down_proj) are reached by o_proj / down_proj;
+# experts.w2 is Mixtral's older name. Families whose HF names differ (Falcon's
+# self_attention.dense, GPT-2's c_proj, InternLM2's wo/w2, ...) add their own names.
+RESIDUAL_FILTERS = ("o_proj", "down_proj", "experts.w2")
+RESIDUAL_KINDS = ("attn_output", "ffn_down", "ffn_down_exps", "ffn_down_shexp")
 
 
-def _overlap_halves(n: int, opts: dict[str, int]) -> list[dict[str, Any]]:
+def zero_out_residual(arch: str | None = None) -> dict[str, Any]:
+    """Scale rules that zero every tensor writing into the residual stream of `arch`'s blocks."""
+    names = list(RESIDUAL_FILTERS)
+    for kind in RESIDUAL_KINDS:
+        hf = archs.hf_name(arch, kind)
+        if hf and not any(f in hf for f in names):
+            names.append(hf)
+    return {"scale": [*({"filter": f, "value": 0.0} for f in names), {"value": 1.0}]}
+
+
+def _overlap_halves(n: int, opts: dict[str, int], arch: str | None = None) -> list[dict[str, Any]]:
     """The seed recipe: [0, n/2] + [n/4, 3n/4] + [n/2, n]; 80 layers -> 120 (karakuri 70B -> 103B)."""
     if n < 4:
         raise RecipeError(f"preset overlap-halves needs at least 4 layers, the model has {n}")
@@ -32,7 +40,7 @@ def _overlap_halves(n: int, opts: dict[str, int]) -> list[dict[str, Any]]:
     return [(0, half), (quarter, quarter + half), (n - half, n)]
 
 
-def _solar(n: int, opts: dict[str, int]) -> list[dict[str, Any]]:
+def _solar(n: int, opts: dict[str, int], arch: str | None = None) -> list[dict[str, Any]]:
     """SOLAR depth up-scaling: two copies, the first without its last m layers, the second without its first m."""
     m = opts.get("drop", n // 4)
     if not 0 < m < n:
@@ -40,7 +48,7 @@ def _solar(n: int, opts: dict[str, int]) -> list[dict[str, Any]]:
     return [(0, n - m), (m, n)]
 
 
-def _llama_pro(n: int, opts: dict[str, int]) -> list[Any]:
+def _llama_pro(n: int, opts: dict[str, int], arch: str | None = None) -> list[Any]:
     """LLaMA-Pro block expansion: after every k layers, a copy of the last one whose o_proj and
     down_proj are zero, so the new block is an identity map until it is trained."""
     k = opts.get("every", max(1, n // 8))
@@ -50,14 +58,14 @@ def _llama_pro(n: int, opts: dict[str, int]) -> list[Any]:
     for start in range(0, n, k):
         end = min(start + k, n)
         out.append((start, end))
-        out.append(((end - 1, end), ZERO_OUT_RESIDUAL))
+        out.append(((end - 1, end), zero_out_residual(arch)))
     return out
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
-    build: Callable[[int, dict[str, int]], list[Any]]
+    build: Callable[[int, dict[str, int], str | None], list[Any]]  # (depth, options, architecture)
     options: tuple[str, ...]
     summary: str
 
@@ -90,11 +98,11 @@ def parse_preset(spec: str) -> tuple[Preset, dict[str, int]]:
     return preset, opts
 
 
-def preset_recipe(spec: str, n_layers: int, model: str = "source") -> Recipe:
+def preset_recipe(spec: str, n_layers: int, model: str = "source", arch: str | None = None) -> Recipe:
     """Expand a preset for a model with `n_layers` blocks into a normalized recipe."""
     preset, opts = parse_preset(spec)
     slices = []
-    for item in preset.build(n_layers, opts):
+    for item in preset.build(n_layers, opts, arch):
         params = None
         if isinstance(item[0], tuple):
             item, params = item

@@ -207,7 +207,7 @@ class QuantEmitter:
             else:
                 raw = self.reader.read(src, (first_row + r0) * src_row, n * src_row)
                 if t.factor != 1.0:
-                    raw = bytearray(scaled_rows(raw, src_type, n_per_row, t.factor))
+                    raw = bytearray(scaled_rows(raw, src_type, n_per_row, t.factor, t.dtype, t.out_dtype))
             f32 = ggml.dequantize_rows(int(src_type), np.frombuffer(raw, np.uint8), n_per_row)
             ggml.quantize_rows(dst_type, f32, im, out=out[r0 * dst_row:(r0 + n) * dst_row])
 

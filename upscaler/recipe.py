@@ -8,12 +8,11 @@ them per output tensor with mergekit's precedence.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from .errors import RecipeError
 
@@ -103,9 +102,12 @@ class Recipe(BaseModel):
     parameters: dict[str, ParamValue] = {}
     name: str | None = None
     normalize: bool = True  # linear merges: divide by the sum of weights (mergekit default)
-    dtype: str | None = None  # mergekit's dtype / out_dtype, kept so the recorded recipe is the user's
-    out_dtype: str | None = None
     warnings: list[str] = []
+    # mergekit's merge dtype and output dtype: scaled tensors are rounded through them (tensor_data)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    # the model whose tokenizer the output carries (mergekit's tokenizer_source); None: the first slice's
+    tokenizer_source: str | None = None
 
     def model_names(self) -> list[str]:
         seen: list[str] = []
@@ -137,7 +139,9 @@ class Recipe(BaseModel):
             params["normalize"] = False
         if params:
             doc["parameters"] = params
-        doc.update({k: v for k, v in (("dtype", self.dtype), ("out_dtype", self.out_dtype)) if v})
+        for key in ("dtype", "out_dtype", "tokenizer_source"):
+            if getattr(self, key) is not None:
+                doc[key] = getattr(self, key)
         return yaml.dump(doc, Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
 
 
@@ -288,12 +292,16 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
     if method not in SUPPORTED_METHODS:
         raise RecipeError(f"{origin}: merge_method {_short(cfg.merge_method)} is not supported; "
                           "gguf-upscale does passthrough (and linear recipes with one non-zero source per slice)")
+    if isinstance(cfg.tokenizer_source, dict):  # a model reference mapping, as in `model:`
+        src = cfg.tokenizer_source
+        cfg.tokenizer_source = src.get("path") or (src.get("model") or {}).get("path") or src
     if cfg.tokenizer_source not in (None, "base") and not isinstance(cfg.tokenizer_source, str):
         raise RecipeError(f"{origin}: tokenizer_source {_short(cfg.tokenizer_source)} is not supported "
                           "(the tokenizer is taken from the first slice's model)")
     if cfg.tokenizer_source == "union" or cfg.tokenizer is not None:
         raise RecipeError(f"{origin}: tokenizer merging (tokenizer_source: union / tokenizer:) is not supported; "
                           "all models must share one tokenizer")
+    dtype, out_dtype = (_dtype_name(origin, k, v) for k, v in (("dtype", cfg.dtype), ("out_dtype", cfg.out_dtype)))
     if cfg.slices is None and cfg.models is None:
         raise RecipeError(f"{origin}: recipe has neither slices nor models")
     if cfg.slices is not None and cfg.models is not None:
@@ -309,6 +317,9 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
 
     if cfg.models is not None:
         # `models:` form: passthrough of whole models. mergekit allows exactly one model here.
+        if cfg.base_model and cfg.base_model not in [m.model for m in cfg.models]:
+            raise RecipeError(f"{origin}: base_model {_short(cfg.base_model)} is not among `models:`; mergekit adds "
+                              f"it as another whole-model source, which {method} as a passthrough cannot take")
         if len(cfg.models) != 1:
             raise RecipeError(f"{origin}: a `models:` recipe takes exactly one model for {method}, got {len(cfg.models)}; "
                               "use slices to stack models")
@@ -337,12 +348,70 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
             lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
             if len(lens) != 1:
                 raise RecipeError(f"{origin}: slice {i} sources have layer ranges of different lengths")
-    for key in ("dtype", "out_dtype"):
-        if getattr(cfg, key):
-            notes.append(f"{origin}: {key}: {getattr(cfg, key)} does not convert the output (tensors keep their "
-                         "source types; --type sets them when quantizing); it stays in the recorded recipe")
+    tok = cfg.tokenizer_source
+    if tok == "base":  # mergekit: the base model, else the first model it references
+        tok = cfg.base_model or None
+    if tok is not None:
+        tok = _tokenizer_model(origin, tok, slices)
+    notes += _gguf_name_filters(origin, cfg, slices)
+    if method == "linear" and any("scale" in (p or {}) for p in [params] + [s.parameters for s in slices]
+                                  + [src.parameters for s in slices for src in s.sources]):
+        notes.append(f"{origin}: `scale` is not a parameter of linear merges; mergekit ignores it, and so does "
+                     "gguf-upscale (with normalize: false the weight is the scale)")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value:
+            notes.append(f"{origin}: {key}: {value}: scaled tensors are computed in {value} and rounded as mergekit "
+                         "does; tensors keep their source types (--type sets them when quantizing)")
     return Recipe(method=method, slices=slices, parameters=params, name=cfg.name,
-                  normalize=normalize, dtype=cfg.dtype, out_dtype=cfg.out_dtype, warnings=notes)
+                  normalize=normalize, warnings=notes, dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok)
+
+
+# mergekit's dtype_from_name (common.py): these names, optionally prefixed "torch."
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _dtype_name(origin: str, key: str, value: str | None) -> str | None:
+    """The dtype as mergekit names it, or a one-line error for names mergekit refuses too."""
+    if value is None or value == "":
+        return None
+    name = value[len("torch."):] if value.startswith("torch.") else value
+    if name not in DTYPES:
+        raise RecipeError(f"{origin}: {key} {_short(value)} is not a dtype mergekit knows "
+                          f"({', '.join(DTYPES)}; int64 cannot hold weights)")
+    return name
+
+
+def _tokenizer_model(origin: str, tok: Any, slices: list[Slice]) -> str:
+    """tokenizer_source names a model of the recipe: its tokenizer is the one the output carries."""
+    names = [src.model for s in slices for src in s.sources]
+    if not isinstance(tok, str) or tok not in names:
+        raise RecipeError(f"{origin}: tokenizer_source {_short(tok)} is not one of the recipe's models; "
+                          "gguf-upscale takes the tokenizer from a model it stacks (all share one vocabulary)")
+    return tok
+
+
+# GGUF tensor-name pieces no HF checkpoint name contains: mergekit's filters never match them
+_GGUF_ONLY = ("blk.", "attn_", "ffn_", "token_embd", "output")
+
+
+def _gguf_name_filters(origin: str, cfg: MergeConfig, slices: list[Slice]) -> list[str]:
+    """Warn about filters written with GGUF names: mergekit matches HF names only, and so do we."""
+    found: list[str] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, dict):
+            f = v.get("filter")
+            if isinstance(f, str) and any(p in f for p in _GGUF_ONLY) and f not in found:
+                found.append(f)
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+
+    walk([cfg.parameters, [s.parameters for s in slices], [src.parameters for s in slices for src in s.sources]])
+    return [f"{origin}: filter {_short(f)} is a GGUF tensor name, but filters match HF names as in "
+            "mergekit (o_proj, down_proj, embed_tokens, lm_head, ...), so it matches no tensor" for f in found]
 
 
 # -- compact forms ------------------------------------------------------------------------
@@ -370,46 +439,82 @@ def parse_slices(spec: str, model: str = "source") -> Recipe:
 # -- parameter evaluation (mergekit semantics) ---------------------------------------------------
 
 
-def evaluate_setting(tensor_name: str, setting: ParamValue, t: float) -> Any:
-    """mergekit's evaluate_setting: scalars, gradients over the slice (t in [0, 1]), filter lists.
+def _as_is(v: Any) -> Any:
+    return v
 
-    `tensor_name` may hold several names separated by spaces (HF and GGUF forms); a filter
-    matches when it is a substring of any of them.
+
+def _matches(flt: Any, tensor_name: str) -> bool:
+    """mergekit's filter test: none, `"*"` (every tensor) or a substring of the tensor's HF name."""
+    return flt is None or flt == "*" or (bool(tensor_name) and str(flt) in tensor_name)
+
+
+def evaluate_setting(tensor_name: str, setting: ParamValue, t: float = 0,
+                     *, validate: Callable[[Any], Any] | None = None) -> Any:
+    """mergekit 0.1.5's evaluate_setting (config.py), rule for rule.
+
+    `validate` is the parameter's type check (pydantic, as mergekit's ParameterSpec.validate):
+    scalars are validated; a list of scalars is validated element-wise, then interpolated along
+    the slice (t in [0, 1]) when every validated value is a number, else indexed at
+    int(t * (n - 1)) (a discrete list); a {filter, value} mapping or a list of them returns the
+    first match (`"*"` matches every tensor), evaluated recursively, and None when nothing
+    matches, so the next scope is asked. An empty list is None.
     """
-    if setting is None or isinstance(setting, (bool, int, float, str)):
-        return setting
+    check = validate or _as_is
+    if isinstance(setting, dict) and "value" in setting:
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return _validated(check, setting)
     if isinstance(setting, list):
-        if setting and all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            values = [_validated(check, e) for e in setting]
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in values):
+                return values[int(t * (len(values) - 1))]
             scaled = t * (len(setting) - 1)
-            i0 = int(math.floor(scaled))
+            i0 = int(scaled)
             i1 = min(len(setting) - 1, i0 + 1)
             frac = scaled - i0
-            return (1 - frac) * setting[i0] + frac * setting[i1]
-        if setting and all(isinstance(e, (int, float, bool, str)) for e in setting):
-            return setting[int(t * (len(setting) - 1))]
+            return _validated(check, (1 - frac) * values[i0] + frac * values[i1])
         for cond in setting:
             if not isinstance(cond, dict) or "value" not in cond:
-                raise RecipeError(f"parameter list item {cond!r} is neither a number nor a {{filter, value}} mapping")
-            flt = cond.get("filter")
-            if flt is None or str(flt) in tensor_name:
-                return evaluate_setting(tensor_name, cond["value"], t)
+                raise RecipeError(f"parameter list item {_short(cond)} is neither a number nor a "
+                                  "{filter, value} mapping (mergekit takes one or the other)")
+            if _matches(cond.get("filter"), tensor_name):
+                return evaluate_setting(tensor_name, cond["value"], t, validate=validate)
         return None
-    if isinstance(setting, dict):
-        if "value" in setting:
-            flt = setting.get("filter")
-            if flt is None or str(flt) in tensor_name:
-                return evaluate_setting(tensor_name, setting["value"], t)
-            return None
-    raise RecipeError(f"cannot evaluate parameter value {setting!r}")
+    raise RecipeError(f"cannot evaluate parameter value {_short(setting)}")
 
 
-def lookup_parameter(recipe: Recipe, slice_idx: int, source_idx: int, name: str,
-                     tensor_name: str, t: float) -> Any:
-    """mergekit precedence: the slice source's parameters, then the slice's, then the global ones."""
+def _validated(check: Callable[[Any], Any], value: Any) -> Any:
+    try:
+        return check(value)
+    except ValidationError as e:
+        msg = " ".join(str(e.errors()[0]["msg"]).split())
+        raise RecipeError(f"parameter value {_short(value)}: {msg}") from None
+
+
+# mergekit's parameter types (merge_methods/passthrough.py, linear.py): validated as it does
+SCALE = TypeAdapter(Optional[float]).validate_python  # passthrough, per input
+WEIGHT = TypeAdapter(float).validate_python  # linear, per input
+NORMALIZE = TypeAdapter(bool).validate_python  # linear, shared
+
+
+def lookup_parameter(recipe: Recipe, slice_idx: int, source_idx: int | None, name: str,
+                     tensor_name: str, t: float, *, validate: Callable[[Any], Any] | None = None) -> Any:
+    """mergekit's precedence (ConfigReader.parameter_sources): the parameters of every source of
+    the slice that names the same model as source `source_idx`, then the slice's, then the
+    global ones; the first scope whose setting evaluates to a value wins (a filter list that
+    matches nothing falls through). `source_idx` None: a shared parameter (no source scope)."""
     s = recipe.slices[slice_idx]
-    for scope in (s.sources[source_idx].parameters, s.parameters, recipe.parameters):
+    scopes: list[dict[str, ParamValue] | None] = []
+    if source_idx is not None:
+        model = s.sources[source_idx].model
+        scopes += [src.parameters for src in s.sources if src.model == model]
+    scopes += [s.parameters, recipe.parameters]
+    for scope in scopes:
         if scope and name in scope:
-            v = evaluate_setting(tensor_name, scope[name], t)
+            v = evaluate_setting(tensor_name, scope[name], t, validate=validate)
             if v is not None:
                 return v
     return None

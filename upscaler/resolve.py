@@ -86,5 +86,5 @@ def resolve(source: str | None, *, slices: str | None = None, config: str | None
     if kind == "--slices":
         recipe = parse_slices(slices, name)  # type: ignore[arg-type]
     else:
-        recipe = preset_recipe(preset, model.block_count, name)  # type: ignore[arg-type]
+        recipe = preset_recipe(preset, model.block_count, name, model.arch)  # type: ignore[arg-type]
     return Resolved(recipe, {name: model})

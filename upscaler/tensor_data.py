@@ -52,23 +52,57 @@ def _rows_per_chunk(t: OutTensor) -> int:
     return max(1, CHUNK // max(rb, 1))
 
 
-def scaled_rows(raw: bytearray, typ: Q, n_per_row: int, factor: float) -> bytes:
-    """Dequantize rows of `typ`, multiply by `factor`, store back in `typ`."""
+def _bf16_bits(f: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits, rounding to nearest even and keeping NaNs quiet (ggml's fp32_to_bf16,
+    torch's .to(bfloat16))."""
+    u = np.ascontiguousarray(f, dtype=np.float32).view(np.uint32)
+    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
+    nan = np.isnan(f)
+    rounded[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
+    return rounded
+
+
+def _round_to(x: np.ndarray, dtype: str | None) -> np.ndarray:
+    """`x` rounded to mergekit's `dtype` (a torch dtype name), as float32 (float64 stays float64)."""
+    if dtype == "float16":
+        return x.astype(np.float16).astype(np.float32)
+    if dtype == "bfloat16":
+        return (_bf16_bits(x.astype(np.float32)).astype(np.uint32) << 16).view(np.float32)
+    if dtype == "float64":
+        return x.astype(np.float64)
+    if dtype == "float32":
+        return x.astype(np.float32)
+    return x
+
+
+def scale_values(x: np.ndarray, factor: float, dtype: str | None = None,
+                 out_dtype: str | None = None) -> np.ndarray:
+    """mergekit's `tensor * scale` in its merge dtype: the input is cast to `dtype`, multiplied
+    as torch does (float32 arithmetic for float16/bfloat16/float32, the scalar rounded to
+    float32; float64 in float64), the product rounded to `dtype`, then to `out_dtype` (what
+    mergekit saves), and handed on as float32 (convert_hf_to_gguf's first step)."""
+    x = _round_to(x, dtype)
+    if dtype == "float64":
+        y = x * float(factor)
+    else:
+        y = x.astype(np.float32) * np.float32(factor)
+    y = _round_to(_round_to(y, dtype), out_dtype)
+    return y.astype(np.float32)
+
+
+def scaled_rows(raw: bytearray, typ: Q, n_per_row: int, factor: float,
+                dtype: str | None = None, out_dtype: str | None = None) -> bytes:
+    """Dequantize rows of `typ`, multiply by `factor` (through mergekit's `dtype`, see
+    scale_values), store back in `typ`."""
     if typ in PLAIN_FLOAT:
         arr = np.frombuffer(raw, dtype=PLAIN_FLOAT[typ]).astype(np.float32)
-        return (arr * np.float32(factor)).astype(PLAIN_FLOAT[typ]).tobytes()
+        return scale_values(arr, factor, dtype, out_dtype).astype(PLAIN_FLOAT[typ]).tobytes()
     if typ == Q.BF16:
         bits = np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16
-        f = bits.view(np.float32) * np.float32(factor)
-        u = f.view(np.uint32)
-        # round to nearest even, keep NaNs quiet, as ggml's fp32_to_bf16 does
-        rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-        nan = np.isnan(f)
-        rounded[nan] = ((u[nan] >> 16) | 64).astype(np.uint16)
-        return rounded.tobytes()
+        return _bf16_bits(scale_values(bits.view(np.float32), factor, dtype, out_dtype)).tobytes()
     from . import ggml
     f32 = ggml.dequantize_rows(typ, np.frombuffer(raw, dtype=np.uint8), n_per_row)
-    f32 = f32.reshape(-1, n_per_row) * np.float32(factor)
+    f32 = scale_values(f32.reshape(-1, n_per_row), factor, dtype, out_dtype)
     return bytes(ggml.quantize_tensor(f32, typ, None, n_threads=1))
 
 
@@ -92,7 +126,7 @@ def emit(t: OutTensor, reader: TensorReader, sink: Sink) -> None:
         step = _rows_per_chunk(t) * rb
         for start in range(0, src.n_bytes, step):
             raw = reader.read(src, start, min(step, src.n_bytes - start))
-            sink.write(scaled_rows(raw, src.ggml_type, n_per_row, t.factor))
+            sink.write(scaled_rows(raw, src.ggml_type, n_per_row, t.factor, t.dtype, t.out_dtype))
         return
     raise UpscaleError(f"{t.name}: operation {t.op!r} is not produced by the upscaler writer")
 
