@@ -278,3 +278,13 @@ def test_card_older_than_its_remade_output_is_stale(tiny_llama: Path, tmp_path: 
     past = time.time() - 100
     os.utime(card, (past, past))
     assert card_is_stale(card, out)
+
+
+def test_a_script_without_main_guard_can_run_smoke(tiny_llama: Path, tmp_path: Path) -> None:
+    """The child is a fresh interpreter, not multiprocessing's spawn (which re-runs the caller's script)."""
+    script = tmp_path / "check.py"
+    script.write_text("from upscaler.smoke import run_smoke\n"
+                      f"print(run_smoke({str(tiny_llama)!r}, n_ctx=64, max_tokens_scored=32, n_predict=2, "
+                      "n_threads=1).loaded)\n", encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "True\n", "")

@@ -4,11 +4,10 @@ llama.cpp does not raise: a failed ``GGML_ASSERT`` aborts the process (SIGABRT),
 segfaults (SIGSEGV), and the kernel's out-of-memory killer sends SIGKILL. In the CLI's own
 process any of these would end the command with the shell's bare "Segmentation fault" and,
 in ``run``, without the message that says what became of the output. So evaluation runs in
-a child started with the ``spawn`` method (a fresh interpreter: no inherited threads or
-llama.cpp state), and the parent turns the child's death into one line naming the stage
+a child, a fresh ``python -c`` (no inherited threads or llama.cpp state), and the parent turns the child's death into one line naming the stage
 and the signal (:class:`EvalCrashed`).
 
-The protocol is one pipe of pickled tuples from child to parent:
+The protocol is a socket pair carrying pickled tuples: the request goes to the child, then:
 
 - ``("stage", text)`` before each step ("loading model x.gguf", "scoring reference y.gguf");
   the last one names where a crash happened;
@@ -32,13 +31,15 @@ from __future__ import annotations
 import faulthandler
 import importlib
 import logging
-import multiprocessing
 import os
 import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import traceback
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import Any, Callable
 
 from . import errors
@@ -108,17 +109,18 @@ def _crash_hook(stage: str) -> None:
     os.kill(os.getpid(), getattr(signal, sig))
 
 
-def _child_main(conn: Any, target: str, request: Any, stderr_path: str, log_level: int) -> None:
-    """Entry point of the child: quiet fds, no SIGINT (the parent decides), run ``target``."""
+def _child_entry(fd: int) -> None:
+    """Entry point of the child (``python -c``): no SIGINT (the parent decides), run the request.
+
+    The first message on the socket is ``(sys_path, target, request, log_level)``; the child's
+    fd 1 and 2 already point at the parent's temporary file.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent ends us
     faulthandler.disable()  # a crash is reported by the parent, not as a Python dump
     os.environ["GGML_NO_BACKTRACE"] = "1"  # ggml_abort would attach gdb to print one
-    fd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    conn = Connection(fd)
+    sys_path, target, request, log_level = conn.recv()
+    sys.path[:] = sys_path
     root = logging.getLogger()
     root.handlers[:] = [_PipeHandler(conn)]
     root.setLevel(log_level)
@@ -163,6 +165,9 @@ def _assert_line(path: str) -> str | None:
     return None
 
 
+_CHILD_CODE = "import sys; from upscaler.eval_worker import _child_entry; _child_entry(int(sys.argv[1]))"
+
+
 def run_isolated(target: str, request: Any, *, on_stage: Callable[[str], None] | None = None,
                  on_progress: Callable[[str, int, int], None] | None = None) -> Any:
     """Run ``target`` (``"module:function"``, called as ``fn(request, reporter)``) in a child process.
@@ -170,25 +175,34 @@ def run_isolated(target: str, request: Any, *, on_stage: Callable[[str], None] |
     Returns its result; re-raises its domain errors as the same class; raises
     :class:`EvalCrashed` when it dies. The child is ended on any way out of here
     (Ctrl-C, SIGTERM turned into KeyboardInterrupt by the CLI).
+
+    The child is a fresh ``python -c`` (not multiprocessing's spawn, which re-runs the caller's
+    main script in the child and so breaks any script that calls this at top level), with this
+    process's ``sys.path``, talking over a socket pair.
     """
-    ctx = multiprocessing.get_context("spawn")
-    parent_conn, child_conn = ctx.Pipe(duplex=False)
     log_level = logging.getLogger().getEffectiveLevel()
     for name in ("upscaler", "upscaler.llama"):
         level = logging.getLogger(name).level
         if level and level < log_level:
             log_level = level
+    ours, theirs = socket.socketpair()
+    conn = Connection(ours.detach())
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `upscaler` importable there
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with tempfile.NamedTemporaryFile(prefix="gguf-upscale-eval-", suffix=".log") as stderr_file:
-        proc = ctx.Process(target=_child_main, args=(child_conn, target, request, stderr_file.name, log_level),
-                           name="gguf-upscale-eval", daemon=True)
-        stage = "starting"
-        proc.start()
-        child_conn.close()
         try:
+            proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, str(theirs.fileno())],
+                                    stdin=subprocess.DEVNULL, stdout=stderr_file, stderr=stderr_file,
+                                    pass_fds=(theirs.fileno(),), env=env, close_fds=True)
+        finally:
+            theirs.close()
+        stage = "starting"
+        try:
+            conn.send((list(sys.path), target, request, log_level))
             while True:
                 try:
-                    msg = parent_conn.recv()
-                except EOFError:
+                    msg = conn.recv()
+                except (EOFError, ConnectionResetError):
                     break
                 kind = msg[0]
                 if kind == "stage":
@@ -212,10 +226,13 @@ def run_isolated(target: str, request: Any, *, on_stage: Callable[[str], None] |
                     if msg[1] == "MemoryError":
                         raise UpscaleError(f"out of memory while {stage}")
                     raise RuntimeError(f"{msg[1]} while {stage}: {msg[2]}")
-            proc.join(30)
-            sig = _signal_name(proc.exitcode)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+            sig = _signal_name(proc.returncode)
             if sig is None:
-                raise EvalCrashed(f"the evaluation process exited with status {proc.exitcode} while {stage}",
+                raise EvalCrashed(f"the evaluation process exited with status {proc.returncode} while {stage}",
                                   stage=stage, signal_name=None)
             what = _SIGNAL_WHAT.get(signal.Signals[sig] if sig.startswith("SIG") else None,  # type: ignore[arg-type]
                                     "llama.cpp's process died")
@@ -223,7 +240,7 @@ def run_isolated(target: str, request: Any, *, on_stage: Callable[[str], None] |
             raise EvalCrashed(f"{what} while {stage} ({sig}{': ' + detail if detail else ''})",
                               stage=stage, signal_name=sig)
         finally:
-            parent_conn.close()
-            if proc.is_alive():  # interrupted, or an error we raised: the child holds nothing worth saving
+            conn.close()
+            if proc.poll() is None:  # interrupted, or an error we raised: the child holds nothing worth saving
                 proc.kill()
-                proc.join()
+            proc.wait()
