@@ -288,3 +288,37 @@ def test_a_script_without_main_guard_can_run_smoke(tiny_llama: Path, tmp_path: P
                       "n_threads=1).loaded)\n", encoding="utf-8")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "True\n", "")
+
+
+def test_table_fits_80_columns_and_progress_only_on_a_terminal(tiny_llama: Path, tiny_llama_q8: Path) -> None:
+    import pty
+
+    proc = cli("smoke", tiny_llama_q8, "--reference", tiny_llama, *CLI_FAST, check=True)
+    lines = proc.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    for label in ("[PPL(Q)]", "[PPL(base)]", "[PPL(Q)/PPL(base)]", "[KLD]", "median", "99th percentile",
+                  "maximum", "[same top p]"):
+        assert any(label in line for line in lines), label
+    assert proc.stderr == ""  # a pipe: no progress
+    master, slave = pty.openpty()
+    try:
+        tty = subprocess.run([sys.executable, "-c", "from upscaler.cli import main; main()", "smoke", str(tiny_llama_q8),
+                              "--reference", str(tiny_llama), *CLI_FAST], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=slave, timeout=300, env={**os.environ, "COLUMNS": "80"})
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+    finally:
+        os.close(master)
+    assert tty.returncode == 0
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode("utf-8", "replace"))
+    assert "scoring model" in text and "scoring reference" in text and "/96 tokens" in text and "ETA" in text

@@ -378,24 +378,26 @@ def _print_smoke(rep) -> None:
                    f"{facts(d.get('reference_n_layer'), d.get('reference_n_params'))}, same windows")
 
     def row(label: str, value: str, unc: str = "") -> None:
-        typer.echo(f"  {label:<34}{value:>12}" + (f"  ± {unc}" if unc else ""))
+        typer.echo(f"  {label:<36}{value:>12}" + (f"  ± {unc}" if unc else ""))
 
     def num(x: Optional[float], spec: str = ".4f") -> str:
         return "" if x is None else format(x, spec)
 
-    row("perplexity" + (" of the model  [PPL(Q)]" if ref else ""), num(d["perplexity"]),
+    row("perplexity" + (", model  [PPL(Q)]" if ref else ""), num(d["perplexity"]),
         num(d.get("perplexity_uncertainty")))
     if not ref:
         return
-    row("perplexity of the reference  [PPL(base)]", num(d["reference_perplexity"]),
+    row("perplexity, reference  [PPL(base)]", num(d["reference_perplexity"]),
         num(d.get("reference_perplexity_uncertainty")))
     row("ratio  [PPL(Q)/PPL(base)]", num(d["perplexity_ratio"]), num(d.get("perplexity_ratio_uncertainty")))
-    row("KL divergence, mean (nats)", num(d["kl_divergence"], ".6f"), num(d.get("kl_divergence_uncertainty"), ".6f"))
+    row("KL divergence, mean (nats)  [KLD]", num(d["kl_divergence"], ".6f"),
+        num(d.get("kl_divergence_uncertainty"), ".6f"))
     row("KL divergence, median", num(d.get("kl_divergence_median"), ".6f"))
     row("KL divergence, 99th percentile", num(d.get("kl_divergence_p99"), ".6f"))
     row("KL divergence, maximum", num(d.get("kl_divergence_max"), ".6f"))
+    unc = d.get("top1_agreement_uncertainty")
     row("top-1 agreement  [same top p]", f"{d['top1_agreement'] * 100:.3f} %",
-        f"{d['top1_agreement_uncertainty'] * 100:.3f} %" if d.get("top1_agreement_uncertainty") is not None else "")
+        f"{unc * 100:.3f} %" if unc is not None else "")
 
 
 SmokeThreadsOpt = typer.Option(None, "--threads", "-t", help="llama.cpp threads (default: physical cores).")
