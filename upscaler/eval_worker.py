@@ -4,8 +4,8 @@ llama.cpp does not raise: a failed ``GGML_ASSERT`` aborts the process (SIGABRT),
 segfaults (SIGSEGV), and the kernel's out-of-memory killer sends SIGKILL. In the CLI's own
 process any of these would end the command with the shell's bare "Segmentation fault" and,
 in ``run``, without the message that says what became of the output. So evaluation runs in
-a child, a fresh ``python -c`` (no inherited threads or llama.cpp state), and the parent turns the child's death into one line naming the stage
-and the signal (:class:`EvalCrashed`).
+a child, a fresh ``python -c`` (no inherited threads or llama.cpp state), and the parent
+turns the child's death into one line naming the stage and the signal (:class:`EvalCrashed`).
 
 The protocol is a socket pair carrying pickled tuples: the request goes to the child, then:
 

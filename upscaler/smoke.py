@@ -64,7 +64,7 @@ import numpy as np
 from . import llama_log
 from .errors import SmokeError
 from .eval_worker import Reporter, run_isolated
-from .llama_params import USE_EXTRA_BUFTS, model_params, open_llama
+from .llama_params import model_params, open_llama
 
 __all__ = [
     "DEFAULT_MAX_TOKENS_SCORED",
