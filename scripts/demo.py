@@ -68,8 +68,14 @@ def main() -> int:
     print(f"  Q4_K_M          {q4.name}: {mb(q4)}")
     print(f"  one-shot Q4_K_M {one.name}: {mb(one)}"
           + (" (byte-identical to the two-step file)" if one.read_bytes() == q4.read_bytes() else " (DIFFERS from the two-step file)"))
-    print(f"  perplexity      {report['perplexity']:.2f} (source {report['reference_perplexity']:.2f})")
-    print(f"  KL divergence   {report['kl_divergence']:.4f} nats/token, top-1 agreement {report['top1_agreement']:.1%}")
+    print(f"  perplexity      {report['perplexity']:.2f} ± {report['perplexity_uncertainty']:.2f} "
+          f"(source {report['reference_perplexity']:.2f} ± {report['reference_perplexity_uncertainty']:.2f}; "
+          f"ratio {report['perplexity_ratio']:.3f} ± {report['perplexity_ratio_uncertainty']:.3f})")
+    print(f"  KL divergence   {report['kl_divergence']:.4f} ± {report['kl_divergence_uncertainty']:.4f} nats/token "
+          f"(median {report['kl_divergence_median']:.4f}, 99% {report['kl_divergence_p99']:.3f}, "
+          f"max {report['kl_divergence_max']:.3f})")
+    print(f"  top-1 agreement {report['top1_agreement']:.1%} ± {report['top1_agreement_uncertainty']:.1%} "
+          f"over {report['n_tokens_scored']} tokens (llama-perplexity's \"same top p\")")
     print(f"  generated       {report['text']!r}")
     print(f"  model card      {card} ({len(card.read_text(encoding='utf-8').splitlines())} lines, ready to publish "
           "as README.md)")

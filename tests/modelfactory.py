@@ -875,12 +875,13 @@ def _moe_layers(names: list[str], shapes: dict[str, tuple[int, ...]], dims: Dims
 
 
 def load_llama(path: Path | str, **kw: Any) -> "llama_cpp.Llama":
-    """Open a model the way every test compares logits: small ctx, all logits kept, 2 threads."""
-    import llama_cpp
+    """Open a model the way every test compares logits: small ctx, all logits kept, 2 threads,
+    weights on plain CPU buffers like every evaluation of the project (upscaler.llama_params)."""
+    from upscaler.llama_params import open_llama
 
     params: dict[str, Any] = dict(n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     params.update(kw)
-    return llama_cpp.Llama(model_path=str(path), **params)
+    return open_llama(path, **params)
 
 
 def eval_logits(llm: "llama_cpp.Llama", tokens: Sequence[int]) -> np.ndarray:

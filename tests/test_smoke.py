@@ -366,3 +366,120 @@ def test_numbers_match_a_direct_computation(tiny_llama: Path, tiny_llama_q8: Pat
     kl = (np.exp(logp) * (logp - logq)).sum(axis=1)
     assert math.isclose(r.kl_divergence, kl.mean(), rel_tol=1e-9)
     assert r.top1_agreement == np.mean(p_logits.argmax(1) == q_logits.argmax(1))
+
+
+# --------------------------------------------------------------------------- llama-perplexity's statistics
+
+
+def _llama_perplexity_stats(nll_q: list[float], nll_base: list[float], kld: list[float], same: list[bool]) -> dict:
+    """perplexity.cpp's kl_divergence() summary, transcribed line by line (plain Python sums)."""
+    count = len(kld)
+
+    def mean_and_uncertainty(s: float, s2: float) -> tuple[float, float]:
+        f = s / count
+        df = s2 / count - f * f
+        return f, (math.sqrt(df / (count - 1)) if df > 0 and count > 10 else 0.0)
+
+    log_ppl = mean_and_uncertainty(sum(nll_q), sum(x * x for x in nll_q))
+    log_ppl_base = mean_and_uncertainty(sum(nll_base), sum(x * x for x in nll_base))
+    cov = 0.0
+    if count >= 10:
+        cov = (sum(a * b for a, b in zip(nll_q, nll_base)) / count
+               - (sum(nll_q) / count) * (sum(nll_base) / count)) / (count - 1)
+    ratio_log = log_ppl[0] - log_ppl_base[0]
+    ratio_unc = math.sqrt(log_ppl[1] ** 2 + log_ppl_base[1] ** 2 - 2.0 * cov)
+    kl = mean_and_uncertainty(sum(kld), sum(x * x for x in kld))
+    values = sorted(np.float32(x) for x in kld)
+    n = len(values)
+    med = np.float32(0.5) * (values[n // 2] + values[n // 2 - 1]) if n % 2 == 0 else values[n // 2]
+    p = np.float32(0.99) * np.float32(n - 1)
+    ip = int(p)
+    p = np.float32(p - ip)
+    p99 = (np.float32(1) - p) * values[ip] + p * values[min(ip + 1, n - 1)]
+    same_top = sum(same) / count
+    ppl, ppl_base = math.exp(log_ppl[0]), math.exp(log_ppl_base[0])
+    return dict(perplexity=ppl, perplexity_uncertainty=ppl * log_ppl[1],
+                reference_perplexity=ppl_base, reference_perplexity_uncertainty=ppl_base * log_ppl_base[1],
+                perplexity_ratio=math.exp(ratio_log), perplexity_ratio_uncertainty=math.exp(ratio_log) * ratio_unc,
+                kl_divergence=kl[0], kl_divergence_uncertainty=kl[1], kl_divergence_median=float(med),
+                kl_divergence_p99=float(p99), kl_divergence_max=float(values[-1]),
+                top1_agreement=same_top, top1_agreement_uncertainty=math.sqrt(same_top * (1 - same_top) / (count - 1)))
+
+
+def _per_token(p_logits: np.ndarray, q_logits: np.ndarray, targets: np.ndarray):
+    def log_softmax(z: np.ndarray) -> np.ndarray:
+        z = z.astype(np.float64)
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    logp, logq = log_softmax(p_logits), log_softmax(q_logits)
+    rows = np.arange(len(targets))
+    kl = (np.exp(logp) * (logp - logq)).sum(axis=1)
+    return (list(-logq[rows, targets]), list(-logp[rows, targets]), list(kl),
+            list(p_logits.argmax(1) == q_logits.argmax(1)))
+
+
+@pytest.mark.parametrize("windows", ["sliding", "chunks"])
+def test_statistics_follow_llama_perplexity(tiny_llama: Path, noisy_llama: Path, load_llama, windows: str) -> None:
+    """Independent oracle: logits from llama-cpp-python's own eval on the windows llama-perplexity
+    would use (chunks: disjoint n_ctx windows, BOS first, second half scored), then perplexity.cpp's
+    formulas transcribed above. Every figure of the report must match."""
+    from modelfactory import eval_logits
+
+    text = "the cat and the dog in the sun, hello world. " * 12
+    n_ctx = 64
+    r = run_smoke(noisy_llama, reference=tiny_llama, text=text, n_ctx=n_ctx, max_tokens_scored=1000,
+                  n_predict=1, n_threads=1, windows=windows)
+    ref_llm, llm = load_llama(tiny_llama, n_threads=1), load_llama(noisy_llama, n_threads=1)
+    tokens = smoke._tokenize(smoke._vocab(ref_llm), text)
+    nll_q, nll_p, kld, same = [], [], [], []
+    if windows == "chunks":
+        assert len(tokens) >= 2 * n_ctx
+        for c in range(len(tokens) // n_ctx):
+            chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
+            chunk[0] = 1  # BOS at every chunk start
+            first = n_ctx // 2
+            sl = slice(first, n_ctx - 1)
+            got = _per_token(eval_logits(ref_llm, chunk)[sl], eval_logits(llm, chunk)[sl], np.array(chunk[first + 1:]))
+            for acc, vals in zip((nll_q, nll_p, kld, same), got):
+                acc += vals
+        assert r.n_tokens_scored == (len(tokens) // n_ctx) * (n_ctx - 1 - n_ctx // 2)
+    else:
+        for begin, end, score_from in smoke._windows(len(tokens), n_ctx, 1000):
+            window = list(tokens[begin:end])
+            if begin:
+                window[0] = 1
+            sl = slice(score_from - 1 - begin, end - 1 - begin)
+            got = _per_token(eval_logits(ref_llm, window)[sl], eval_logits(llm, window)[sl],
+                             np.array(tokens[score_from:end]))
+            for acc, vals in zip((nll_q, nll_p, kld, same), got):
+                acc += vals
+        assert r.n_tokens_scored == len(tokens) - 1
+    expected = _llama_perplexity_stats(nll_q, nll_p, kld, same)
+    got = r.to_dict()
+    assert got["windows"] == windows and got["n_tokens_text"] == len(tokens)
+    for key, value in expected.items():
+        assert math.isclose(got[key], value, rel_tol=1e-6, abs_tol=1e-9), (key, got[key], value)
+    assert 0 < got["kl_divergence_median"] <= got["kl_divergence_p99"] <= got["kl_divergence_max"]
+    assert got["perplexity_uncertainty"] > 0 and got["kl_divergence_uncertainty"] > 0
+
+
+def test_statistics_known_answers() -> None:
+    assert smoke.mean_and_uncertainty(np.array([1.0, 3.0])) == (2.0, 0.0)  # 10 values or fewer: no uncertainty
+    x = np.arange(1.0, 12.0)  # 11 values, mean 6, population variance 10
+    assert smoke.mean_and_uncertainty(x) == (6.0, math.sqrt(10 / 10))
+    assert smoke.covariance(x[:9], x[:9]) == 0.0 and math.isclose(smoke.covariance(x, x), 10 / 10)
+    v = np.array([0.0, 1.0, 2.0, 10.0], dtype=np.float32)
+    assert smoke.median(v) == 1.5 and smoke.median(v[:3]) == 1.0
+    assert smoke.percentile(v, 0.5) == 1.5 and smoke.percentile(v, 1.0) == 10.0
+    assert math.isclose(smoke.percentile(v, 0.99), 10.0 - 0.03 * 8, rel_tol=1e-6)  # p = 2.97: 0.03*2 + 0.97*10
+    s = smoke.kl_statistics(np.full(20, 2.0), np.full(20, 1.0), np.zeros(20), np.ones(20, dtype=bool))
+    assert math.isclose(s.perplexity_ratio, math.e) and s.perplexity_ratio_uncertainty == 0.0
+    assert s.top1_agreement == 1.0 and s.top1_agreement_uncertainty == 0.0 and s.kl_divergence_max == 0.0
+
+
+def test_chunk_windows_are_llama_perplexity_chunks() -> None:
+    assert smoke._windows(300, 64, 10_000, "chunks") == [(i * 64, i * 64 + 64, i * 64 + 33) for i in range(4)]
+    assert smoke._windows(300, 64, 62, "chunks") == [(0, 64, 33), (64, 128, 97)]  # 31 scored per chunk
+    with pytest.raises(SmokeError, match="too short for chunks of 64 tokens"):
+        smoke._windows(63, 64, 100, "chunks")

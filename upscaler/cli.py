@@ -104,7 +104,7 @@ def _card_destination(enabled: bool, path: Optional[Path], output: Path, force: 
         return None
     from .model_card import card_path, check_card_writable
     dest = card_path(path if path is not None else output)
-    check_card_writable(dest, force=force)
+    check_card_writable(dest, force=force, owner=output)
     return dest
 
 
@@ -117,7 +117,7 @@ def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, qu
     try:
         card = render_model_card(paths, sources=res.models, recipe_yaml=p.recipe.to_yaml(), smoke=smoke,
                                  quant_type=quant_type, command_line=shlex.join(["gguf-upscale", *sys.argv[1:]]))
-        written = write_model_card(card, dest, force=force)
+        written = write_model_card(card, dest, force=force, owner=paths[0])
     except UpscaleError as e:
         raise UpscaleError(f"the output was written, but not its model card: {e}") from None
     from .model_card import card_title
@@ -460,56 +460,200 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
         return
     from .smoke import run_smoke
     ref = res.models[p.embed_model].path
+    finish = _finish_command(paths[0], ref, res, card, model_card_path, threads)
+    kept = f"{paths[0]} is complete and kept"
+    prog = _scoring_progress()
     try:
-        rep = run_smoke(paths[0], reference=ref, n_threads=_threads(threads))
+        rep = run_smoke(paths[0], reference=ref, n_threads=_smoke_threads(threads), progress=prog)
     except UpscaleError as e:
-        raise UpscaleError(f"the output was written but failed its smoke test (no model card written): {e}") from None
+        raise UpscaleError(f"{kept}, but its smoke test failed: {e}. To finish: {finish}") from None
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"{kept}, its smoke test was stopped. To finish: {finish}") from None
+    except Exception as e:  # noqa: BLE001 - a bug in the smoke step must not hide what became of the output
+        if STATE["debug"]:
+            traceback.print_exc()
+        raise UpscaleError(f"{kept}, but its smoke test failed with an internal error "
+                           f"({type(e).__name__}: {e}). To finish: {finish}") from None
+    finally:
+        if prog is not None:
+            prog.close()
     _print_smoke(rep)
     _write_card(card, paths, res, p, force, quant_type=qtype.name, smoke=rep.to_dict())
 
 
+def _finish_command(first: Path, ref: Path, res, card: Optional[Path], card_path_opt: Optional[Path],
+                    threads: Optional[int]) -> str:
+    """The one command that re-runs the smoke test on a written output and writes its model card."""
+    import shlex
+    args = ["gguf-upscale", "smoke", str(first), "--reference", str(ref)]
+    if card is not None:
+        args.append("--write-card")
+        if card_path_opt is not None:
+            args += ["--model-card-path", str(card)]
+        if len(res.models) > 1:
+            for name, m in res.models.items():
+                args += ["--model", f"{name}={m.path}"]
+    if threads is not None:
+        args += ["--threads", str(threads)]
+    return shlex.join(args)
+
+
+def _smoke_threads(n: Optional[int]) -> int:
+    """llama.cpp's decode threads: physical cores by default (hyper-threads and busy cores slow it)."""
+    from .llama_params import physical_cores
+    if n is not None and n < 1:
+        raise UpscaleError("--threads must be at least 1")
+    return n or physical_cores()
+
+
+def _scoring_progress():
+    """A progress callback drawing tokens scored, elapsed time and ETA on a terminal; None in pipes."""
+    if not sys.stderr.isatty():
+        return None
+    from .smoke_progress import ScoringProgress
+    return ScoringProgress()
+
+
 def _print_smoke(rep) -> None:
+    """The figures as a compact table (80 columns); llama-perplexity's names in brackets."""
     d = rep.to_dict()
-    typer.echo(f"smoke: loaded, perplexity {d['perplexity']:.2f}"
-               + (f" (reference {d['reference_perplexity']:.2f}), KL {d['kl_divergence']:.4f} nats, "
-                  f"top-1 agreement {d['top1_agreement']:.1%}" if d.get("reference_perplexity") is not None else ""))
+    facts = lambda n_layer, n_params: (f" ({n_layer} layers, {human_count(n_params)} params)"  # noqa: E731
+                                       if n_layer and n_params else "")
+    typer.echo(f"smoke: loaded {Path(d['model']).name}{facts(d.get('n_layer'), d.get('n_params'))}")
     typer.echo(f"smoke: generated {d['text']!r}")
+    of = f" of {d['n_tokens_text']}" if d.get("n_tokens_text") else ""
+    typer.echo(f"smoke: {d['n_tokens_scored']} tokens scored{of}, context {d['n_ctx']}, {d['windows']} windows")
+    ref = d.get("reference_perplexity") is not None
+    if ref:
+        typer.echo(f"smoke: reference {Path(d['reference']).name}"
+                   f"{facts(d.get('reference_n_layer'), d.get('reference_n_params'))}, same windows")
+
+    def row(label: str, value: str, unc: str = "") -> None:
+        typer.echo(f"  {label:<36}{value:>12}" + (f"  ± {unc}" if unc else ""))
+
+    def num(x: Optional[float], spec: str = ".4f") -> str:
+        return "" if x is None else format(x, spec)
+
+    row("perplexity" + (", model  [PPL(Q)]" if ref else ""), num(d["perplexity"]),
+        num(d.get("perplexity_uncertainty")))
+    if not ref:
+        return
+    row("perplexity, reference  [PPL(base)]", num(d["reference_perplexity"]),
+        num(d.get("reference_perplexity_uncertainty")))
+    row("ratio  [PPL(Q)/PPL(base)]", num(d["perplexity_ratio"]), num(d.get("perplexity_ratio_uncertainty")))
+    row("KL divergence, mean (nats)  [KLD]", num(d["kl_divergence"], ".6f"),
+        num(d.get("kl_divergence_uncertainty"), ".6f"))
+    row("KL divergence, median", num(d.get("kl_divergence_median"), ".6f"))
+    row("KL divergence, 99th percentile", num(d.get("kl_divergence_p99"), ".6f"))
+    row("KL divergence, maximum", num(d.get("kl_divergence_max"), ".6f"))
+    unc = d.get("top1_agreement_uncertainty")
+    row("top-1 agreement  [same top p]", f"{d['top1_agreement'] * 100:.3f} %",
+        f"{unc * 100:.3f} %" if unc is not None else "")
 
 
-@command(short_help='Prove a model loads, generates and scores text.')
+SmokeThreadsOpt = typer.Option(None, "--threads", "-t", metavar="N", help="llama.cpp threads (default: physical cores).")
+
+
+@command(short_help="Prove a model loads, generates and scores text.")
 def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=True),
-          reference: Optional[str] = typer.Option(None, "--reference", metavar="SRC.gguf", help="Compare next-token distributions with this model (e.g. the source)."),
-          text: Optional[Path] = typer.Option(None, "--text", metavar="FILE", help="UTF-8 text file for perplexity (default: a built-in English/Japanese text)."),
+          reference: Optional[str] = typer.Option(None, "--reference", metavar="SRC.gguf",
+                                                  help="Compare next-token distributions with this model (e.g. the source)."),
+          text: Optional[Path] = typer.Option(None, "--text-file", "--text", metavar="FILE",
+                                              help="Any UTF-8 text file to score (default: a built-in English/Japanese text)."),
           prompt: Optional[str] = typer.Option(None, "--prompt", metavar="TEXT", help="Prompt for greedy generation."),
           chat: bool = typer.Option(False, "--chat", help="Send the prompt through the model's own chat template."),
           n_predict: int = typer.Option(32, "--n-predict", metavar="N", help="Tokens to generate."),
           ctx: int = typer.Option(512, "--ctx", metavar="N", help="Context window for scoring."),
-          min_agreement: Optional[float] = typer.Option(None, "--min-agreement", metavar="X", help="Fail when top-1 agreement with --reference is lower (0..1)."),
-          threads: Optional[int] = ThreadsOpt,
-          as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
+          max_tokens: int = typer.Option(1024, "--max-tokens", metavar="N", help="Score at most this many tokens of the text."),
+          windows: str = typer.Option("sliding", "--windows", metavar="sliding|chunks",
+                                      help="sliding: every token once, half a window of context; chunks: "
+                                           "llama-perplexity's disjoint --ctx chunks, second half of each scored."),
+          min_agreement: Optional[float] = typer.Option(None, "--min-agreement", metavar="X",
+                                                        help="Fail when top-1 agreement with --reference is lower (0..1)."),
+          threads: Optional[int] = SmokeThreadsOpt,
+          as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout (also when a threshold fails)."),
+          write_card: bool = typer.Option(False, "--write-card",
+                                          help="Then write MODEL's model card with these figures (finishes a `run` "
+                                               "whose smoke test did not)."),
+          model: Optional[list[str]] = typer.Option(None, "--model", metavar="NAME=PATH",
+                                                    help="A source model named in MODEL's recipe, for --write-card (repeatable)."),
+          model_card_path: Optional[Path] = CardPathOpt,
+          force: bool = typer.Option(False, "--force", help="Overwrite an existing model card (--write-card)."),
           verbose: bool = VerboseOpt) -> None:
     """Prove a model works: it loads, generates, and scores text; optionally against a reference.
 
-    MODEL.gguf is a GGUF file or the first shard of a set.
+    MODEL.gguf is a GGUF file or the first shard of a set. llama.cpp runs in a child process on plain
+    CPU buffers, so a crash inside it is one error line.
     """
-    from .smoke import run_smoke
+    from .smoke import SmokeThresholdError, run_smoke
     _tensor_logger(verbose)
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise UpscaleError("--min-agreement must be between 0 and 1")
     if min_agreement is not None and reference is None:
         raise UpscaleError("--min-agreement needs --reference")
+    if max_tokens < 1:
+        raise UpscaleError("--max-tokens must be at least 1")
     body = None
     if text is not None:
         try:
             body = text.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise UpscaleError(f"{text}: cannot read as UTF-8 text ({e})") from None
-    rep = run_smoke(model_file, reference=reference, text=body, prompt=prompt, chat=chat, n_predict=n_predict,
-                    n_ctx=ctx, n_threads=_threads(threads), min_agreement=min_agreement)
+    card = None
+    if write_card:  # every refusal before the evaluation, so a refusal costs nothing
+        card, sources = _card_for_smoke(Path(model_file), reference, model, model_card_path, force)
+    prog = _scoring_progress()
+    try:
+        rep = run_smoke(model_file, reference=reference, text=body, prompt=prompt, chat=chat, n_predict=n_predict,
+                        n_ctx=ctx, max_tokens_scored=max_tokens, n_threads=_smoke_threads(threads),
+                        min_agreement=min_agreement, windows=windows, progress=prog)
+    except SmokeThresholdError as e:
+        if as_json:
+            typer.echo(json.dumps(e.report.to_dict(), indent=2, ensure_ascii=False))
+        raise
+    finally:
+        if prog is not None:
+            prog.close()
     if as_json:
         typer.echo(json.dumps(rep.to_dict(), indent=2, ensure_ascii=False))
     else:
         _print_smoke(rep)
+    if card is not None:
+        from .model_card import render_model_card, write_model_card
+        first = Path(rep.model)
+        doc = render_model_card([first], sources=sources, recipe_yaml=None, smoke=rep.to_dict())
+        written = write_model_card(doc, card, force=force, owner=first)
+        _echo_err(f"wrote {written} (model card)") if as_json else typer.echo(f"  {written} (model card)")
+
+
+def _card_for_smoke(model_file: Path, reference: Optional[str], model_opts: Optional[list[str]],
+                    card_path_opt: Optional[Path], force: bool):
+    """Where `smoke --write-card` writes, and the source models the card names (from MODEL's lineage)."""
+    from .model_card import card_path, check_card_writable
+    if not model_file.exists():
+        raise UpscaleError(f"{model_file}: no such file")
+    out = SourceModel(model_file)
+    lineage = recorded_lineage({k: v.value for k, v in out.kvs.items()})
+    if lineage is None:
+        raise UpscaleError(f"{out.path}: not an upscaled GGUF (no upscale.* lineage keys); --write-card needs one")
+    given: dict[str, str] = {}
+    for item in model_opts or []:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise UpscaleError(f"--model {item}: expected NAME=PATH")
+        given[name] = path
+    names = list(lineage["source_models"])
+    if len(names) == 1 and names[0] not in given and reference is not None:
+        given[names[0]] = reference
+    missing = [n for n in names if n not in given]
+    if missing:
+        raise UpscaleError(f"--write-card: {out.path.name} was made from {', '.join(names)}; give "
+                           + ("--reference SOURCE" if len(names) == 1 else "--model NAME=PATH for each") +
+                           f" (missing: {', '.join(missing)})")
+    sources = {n: SourceModel(given[n]) for n in names}
+    dest = card_path(card_path_opt if card_path_opt is not None else out.path)
+    check_card_writable(dest, force=force, owner=out.path)
+    return dest, sources
 
 
 @command(short_help='Carry an imatrix over to the upscaled layers.')

@@ -17,6 +17,7 @@ command line are shortened to file names).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -34,7 +35,7 @@ from .metadata import base_models, recorded_lineage
 from .report import human_bytes, human_count
 from .source import SHARD_RE, SourceModel
 
-__all__ = ["CARD_NAME", "card_path", "check_card_writable", "render_model_card", "repo_id_from_url",
+__all__ = ["CARD_NAME", "card_is_stale", "card_owner", "card_path", "check_card_writable", "render_model_card", "repo_id_from_url",
            "write_model_card"]
 
 CARD_NAME = "README.md"
@@ -315,6 +316,7 @@ def render_model_card(output_paths: list[Path], *, sources: dict[str, SourceMode
     parts.append(_how_to_run(first, len(files), kv, arch))
     parts.append(_license_section(srcs, license_state))
     parts.append(_provenance(kv, command_line, lineage))
+    parts.append(_owner_marker(out.paths[0]))
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
 
@@ -669,20 +671,73 @@ def card_path(dest_dir_or_path: Path) -> Path:
     raise OutputError(f"{p}: model card destination must be a folder, a .gguf output or a .md file")
 
 
-def check_card_writable(path: Path, *, force: bool) -> None:
-    """Refuse before any work is done: existing card without force, missing folder, a folder in the way."""
+# The card names the output it describes in an HTML comment (invisible on the Hub), so a card
+# whose output was deleted by hand, or re-made since, is recognised as stale and may be replaced
+# without --force: it belongs to its output, and must not block the next write of that output.
+_OWNER = re.compile(r"^<!-- {0} model card of: (?P<name>.+?) -->$".format(TOOL), re.MULTILINE)
+
+
+def _owner_marker(first_file: Path) -> str:
+    return f"<!-- {TOOL} model card of: {first_file.name} -->"
+
+
+def card_owner(path: Path) -> str | None:
+    """The output file name a card written by us records as its own (None for any other file)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    m = None
+    for m in _OWNER.finditer(tail):
+        pass
+    return m.group("name") if m else None
+
+
+def _output_files(owner: Path) -> list[Path]:
+    """The files of output `owner` (OUT.gguf, or its OUT-0000N-of-0000M.gguf shards) that exist."""
+    stem = _file_stem(owner)
+    files = [owner] if owner.is_file() else []
+    files += [p for p in owner.parent.glob(f"{glob.escape(stem)}-*-of-*.gguf") if _file_stem(p) == stem]
+    return files
+
+
+def card_is_stale(path: Path, owner: Path | None) -> bool:
+    """A card of ours for output `owner` that no longer describes it: the output is gone, or was
+    written after the card (re-made over a deleted one)."""
+    if owner is None or not path.is_file():
+        return False
+    name = card_owner(path)
+    if name is None or _file_stem(Path(name)) != _file_stem(owner):
+        return False
+    files = _output_files(owner)
+    if not files:
+        return True
+    try:
+        return path.stat().st_mtime_ns < min(f.stat().st_mtime_ns for f in files)
+    except OSError:
+        return False
+
+
+def check_card_writable(path: Path, *, force: bool, owner: Path | None = None) -> None:
+    """Refuse before any work is done: existing card without force (unless it is a stale card of
+    `owner`, the output it will describe), missing folder, a folder in the way."""
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: folder for the model card does not exist")
     if path.is_dir():
         raise OutputError(f"{path}: is a folder; cannot write the model card there")
-    if (path.exists() or path.is_symlink()) and not force:
+    if (path.exists() or path.is_symlink()) and not force and not card_is_stale(path, owner):
         raise OutputError(f"{path}: model card already exists (use --force to overwrite it, or --no-model-card)")
 
 
-def write_model_card(card: str, dest_dir_or_path: Path, *, force: bool) -> Path:
-    """Write `card` atomically (temporary file + rename); never replace an existing file without `force`."""
+def write_model_card(card: str, dest_dir_or_path: Path, *, force: bool, owner: Path | None = None) -> Path:
+    """Write `card` atomically (temporary file + rename); never replace an existing file without
+    `force`, except a stale card of `owner` (the output this card describes; see card_is_stale)."""
     path = card_path(Path(dest_dir_or_path))
-    check_card_writable(path, force=force)
+    check_card_writable(path, force=force, owner=owner)
+    force = force or card_is_stale(path, owner)
     data = card.encode("utf-8")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{TOOL}-tmp.", dir=path.parent)
     tmp = Path(tmp_name)

@@ -8,10 +8,18 @@ What it measures, and why each piece is there:
   noise. Plain mode feeds the prompt raw; ``chat=True`` goes through the model's own
   chat template.
 - **perplexity** over a fixed text (``data/smoke_text.txt`` by default).
-- with a **reference** (the source model): KL(reference || model) and top-1
-  agreement per scored position, on exactly the same token ids. This is the number
-  that tells a broken upscale from a working one; perplexity alone cannot, because
-  a random text has no absolute "good" perplexity.
+- with a **reference** (the source model): per scored position, KL(reference || model)
+  and whether both models' top token agree, on exactly the same token ids; summarised
+  with llama-perplexity's own definitions (mean KL and its uncertainty, median, 99th
+  percentile and maximum; "same top p" and its uncertainty; the perplexity ratio and its
+  uncertainty, see :func:`kl_statistics`). This is the number that tells a broken upscale
+  from a working one; perplexity alone cannot, because a random text has no absolute
+  "good" perplexity.
+
+Isolation. llama.cpp runs in a child process (:mod:`upscaler.eval_worker`), on plain CPU
+buffers (:mod:`upscaler.llama_params`): a crash, a GGML_ASSERT abort or an OOM kill there
+becomes one error line naming the stage and the signal, and this process stays up to say
+what became of the caller's output.
 
 Windowing. The text is tokenized once. Windows are ``n_ctx`` tokens long and advance
 by ``n_ctx // 2``; the first window scores every token after the first, each later
@@ -20,17 +28,21 @@ token except the first is scored exactly once and always with at least ``n_ctx /
 tokens of context once past the first window. This is llama.cpp's perplexity rule
 ("score the second half of the window", including its BOS substitution at window
 start) made to use the whole text: llama.cpp's tool uses disjoint chunks and throws
-the first half of every chunk away, which wastes a short text.
+the first half of every chunk away, which wastes a short text. ``windows="chunks"``
+uses llama.cpp's layout instead, for figures comparable with ``llama-perplexity``.
+Both models are always scored on the same windows.
 
 Memory. We decode through llama.cpp's batch API and ask for logits only at scored
 positions, in pieces of ``n_ctx // 2`` tokens, so llama.cpp's logits buffer holds at
 most ``n_ctx // 2`` rows (150k vocab x 256 rows x 4 B = 155 MB). Log-softmax runs in
 float64 on row chunks of ~8 MB. With a reference, the models are loaded one at a
-time: the model under test is evaluated first and its raw float32 logits for the
-scored positions are kept (plus float64 log-sum-exp and argmax per row), in RAM when
-small and in a temporary file (numpy memmap, pages the OS may evict) when larger than
-256 MB. Keeping raw logits instead of rounded log-probs makes a model compared with
-itself give KL exactly 0.
+time in the one child process: the model under test is evaluated first and its raw
+float32 logits for the scored positions are kept (plus float64 log-sum-exp and argmax
+per row), in RAM when small and in a temporary file (numpy memmap, pages the OS may
+evict) when larger than 256 MB; it is closed before the reference is loaded. Keeping
+raw logits instead of rounded log-probs makes a model compared with itself give KL
+exactly 0 (llama.cpp stores the base model's log-probs as 16-bit values and skips
+probabilities below e^-16; our KL sums the whole vocabulary in float64).
 """
 
 from __future__ import annotations
@@ -45,17 +57,22 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from . import llama_log
 from .errors import SmokeError
+from .eval_worker import Reporter, run_isolated
+from .llama_params import model_params, open_llama
 
 __all__ = [
     "DEFAULT_MAX_TOKENS_SCORED",
     "DEFAULT_PROMPT",
+    "KLStatistics",
     "SmokeReport",
+    "SmokeThresholdError",
+    "kl_statistics",
     "default_text",
     "run_smoke",
 ]
@@ -91,11 +108,22 @@ class SmokeReport:
     n_layer: int | None = None
     n_params: int | None = None
     n_generated: int = 0
+    n_tokens_text: int | None = None  # tokens in the text (scored: at most max_tokens_scored of them)
+    windows: str = "sliding"
+    extra_buffer_types: bool = False  # llama.cpp's weight repacking; always off (llama_params.py)
+    perplexity_uncertainty: float | None = None
     reference: str | None = None
     reference_perplexity: float | None = None
+    reference_perplexity_uncertainty: float | None = None
+    perplexity_ratio: float | None = None
+    perplexity_ratio_uncertainty: float | None = None
     kl_divergence: float | None = None
+    kl_divergence_uncertainty: float | None = None
+    kl_divergence_median: float | None = None
+    kl_divergence_p99: float | None = None
     kl_divergence_max: float | None = None
     top1_agreement: float | None = None
+    top1_agreement_uncertainty: float | None = None
     reference_n_layer: int | None = None
     reference_n_params: int | None = None
     elapsed: float = 0.0
@@ -119,8 +147,6 @@ def _open(path: str | Path, *, what: str, n_ctx: int, n_threads: int | None) -> 
 
     ``n_batch`` is half a window: that bounds llama.cpp's logits buffer (see module doc).
     """
-    import llama_cpp
-
     path = Path(path)
     if not path.is_file():
         raise SmokeError(f"{what} {path}: no such file")
@@ -129,8 +155,8 @@ def _open(path: str | Path, *, what: str, n_ctx: int, n_threads: int | None) -> 
     prints = io.StringIO()  # llama-cpp-python's own print()s when verbose
     with llama_log.capture() as lines, redirect_stdout(prints), redirect_stderr(prints):
         try:
-            llm = llama_cpp.Llama(
-                model_path=str(path),
+            llm = open_llama(
+                path,
                 n_ctx=n_ctx,
                 n_batch=piece,
                 n_ubatch=piece,
@@ -236,8 +262,7 @@ def _vocab_only_tokens(path: str | Path, text: str) -> tuple[list[int], int]:
     """Tokenize with a model's vocab without loading its weights (cheap early mismatch check)."""
     import llama_cpp
 
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
+    params = model_params(vocab_only=True)
     with llama_log.capture() as lines:
         model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
     if not model:
@@ -376,9 +401,23 @@ def _chat(llm: Any, prompt: str, n_predict: int, what: str = "model") -> tuple[s
 
 # --------------------------------------------------------------------------- perplexity / KL
 
+WINDOWS = ("sliding", "chunks")
 
-def _windows(n_tokens: int, n_ctx: int, max_scored: int) -> list[tuple[int, int, int]]:
-    """(begin, end, score_from) per window; targets tokens[score_from:end] (see module doc)."""
+
+def _windows(n_tokens: int, n_ctx: int, max_scored: int, mode: str = "sliding") -> list[tuple[int, int, int]]:
+    """(begin, end, score_from) per window; targets tokens[score_from:end] (see module doc).
+
+    ``chunks`` is llama-perplexity's layout: disjoint windows of ``n_ctx`` tokens, each scoring
+    the tokens after its first half (``n_ctx - 1 - n_ctx // 2`` per chunk), whole chunks only.
+    """
+    if mode == "chunks":
+        per_chunk = n_ctx - 1 - n_ctx // 2
+        n_chunk = min(n_tokens // n_ctx, max(1, max_scored // per_chunk))
+        if n_chunk < 1:
+            raise SmokeError(f"text is too short for chunks of {n_ctx} tokens: {n_tokens} token(s)")
+        return [(i * n_ctx, (i + 1) * n_ctx, i * n_ctx + n_ctx // 2 + 1) for i in range(n_chunk)]
+    if mode != "sliding":
+        raise SmokeError(f"windows must be one of {', '.join(WINDOWS)}, got {mode!r}")
     n_use = min(n_tokens, max_scored + 1)
     if n_use < 2:
         raise SmokeError(f"text is too short to score: {n_tokens} token(s)")
@@ -393,6 +432,10 @@ def _windows(n_tokens: int, n_ctx: int, max_scored: int) -> list[tuple[int, int,
     return out
 
 
+def _n_scored(windows: list[tuple[int, int, int]]) -> int:
+    return sum(end - score_from for _, end, score_from in windows)
+
+
 @dataclass
 class _Kept:
     """The model's logits at scored positions, kept while the reference is evaluated."""
@@ -403,10 +446,10 @@ class _Kept:
     _file: Any = None
 
     @classmethod
-    def allocate(cls, n_rows: int, n_vocab: int) -> "_Kept":
+    def allocate(cls, n_rows: int, n_vocab: int, ram_budget: int = _RAM_BUDGET) -> "_Kept":
         nbytes = n_rows * n_vocab * 4
         f = None
-        if nbytes > _RAM_BUDGET:
+        if nbytes > ram_budget:
             f = tempfile.TemporaryFile(prefix="gguf-upscale-smoke-")
             logits = np.memmap(f, dtype=np.float32, mode="w+", shape=(n_rows, n_vocab))
         else:
@@ -422,11 +465,15 @@ class _Kept:
 
 @dataclass
 class _Scores:
-    nll_sum: float = 0.0
-    n: int = 0
-    kl_sum: float = 0.0
-    kl_max: float = 0.0
-    n_agree: int = 0
+    """Per scored token: this model's NLL, and against kept logits the KL and top-1 match."""
+
+    nll: np.ndarray
+    kl: np.ndarray | None = None
+    agree: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.nll)
 
 
 def _score(
@@ -437,8 +484,10 @@ def _score(
     what: str,
     keep: _Kept | None = None,
     against: _Kept | None = None,
+    chunk_bytes: int = _CHUNK_BYTES,
+    progress: Callable[[int, int], None] | None = None,
 ) -> _Scores:
-    """Evaluate the windows; accumulate NLL, and either keep logits or compare with kept ones.
+    """Evaluate the windows; record NLL per token, and either keep logits or compare with kept ones.
 
     With ``against``, this model is the reference P and the kept logits are Q:
     KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)), per position, in nats.
@@ -449,10 +498,15 @@ def _score(
     bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else -1
     dec = _Decoder(llm, what)
     n_vocab = dec.n_vocab
-    chunk_rows = max(1, _CHUNK_BYTES // (n_vocab * 8))
+    chunk_rows = max(1, chunk_bytes // (n_vocab * 8))
     tok_arr = np.asarray(tokens, dtype=np.int64)
-    s = _Scores()
+    n_rows = _n_scored(windows)
+    s = _Scores(np.empty(n_rows))
+    if against is not None:
+        s.kl, s.agree = np.empty(n_rows), np.empty(n_rows, dtype=bool)
     row0 = 0  # index into kept arrays
+    if progress is not None:
+        progress(0, n_rows)
     try:
         for begin, end, score_from in windows:
             window = list(tokens[begin:end])
@@ -471,6 +525,8 @@ def _score(
                     rows = logits[r : r + chunk_rows]
                     _accumulate(s, rows, first + r, tok_arr, what, slice(row0, row0 + len(rows)), keep, against)
                     row0 += len(rows)
+                if progress is not None:
+                    progress(row0, n_rows)
     finally:
         dec.clear()
         dec.close()
@@ -492,30 +548,117 @@ def _accumulate(
     _check_finite(x, what, pos)
     lse = _logsumexp(x)
     targets = tokens[pos + 1 : pos + 1 + len(x)]
-    s.nll_sum += float((lse - x[np.arange(len(x)), targets]).sum())
-    s.n += len(x)
+    s.nll[k] = lse - x[np.arange(len(x)), targets]
     if keep is not None:
         keep.logits[k] = rows
         keep.lse[k] = lse
         keep.argmax[k] = x.argmax(axis=1)
     if against is not None:
+        assert s.kl is not None and s.agree is not None
         top = x.argmax(axis=1)
         logp = np.subtract(x, lse[:, None], out=x)
         diff = against.logits[k].astype(np.float64)
         diff -= against.lse[k, None]  # log Q
         np.subtract(logp, diff, out=diff)  # log P - log Q
-        kl = np.einsum("ij,ij->i", np.exp(logp, out=logp), diff)
-        s.kl_sum += float(kl.sum())
-        s.kl_max = max(s.kl_max, float(kl.max()))
-        s.n_agree += int((top == against.argmax[k]).sum())
+        s.kl[k] = np.einsum("ij,ij->i", np.exp(logp, out=logp), diff)
+        s.agree[k] = top == against.argmax[k]
 
 
-def _perplexity(s: _Scores, what: str) -> float:
-    mean = s.nll_sum / s.n
+def _perplexity(mean_nll: float, what: str) -> float:
     try:
-        return math.exp(mean)
+        return math.exp(mean_nll)
     except OverflowError:
-        raise SmokeError(f"{what} perplexity overflows (mean negative log-likelihood {mean:.1f} nats)") from None
+        raise SmokeError(f"{what} perplexity overflows (mean negative log-likelihood {mean_nll:.1f} nats)") from None
+
+
+# --------------------------------------------------------------------------- llama-perplexity's statistics
+# Transcribed from llama.cpp tools/perplexity/perplexity.cpp (kl_divergence()), so the figures
+# read exactly as `llama-perplexity --kl-divergence` prints them for the same per-token values.
+
+
+def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
+    """Mean and its standard error; 0 uncertainty for 10 values or fewer (llama.cpp's rule)."""
+    count = len(values)
+    if count < 1:
+        return 0.0, 0.0
+    v = np.asarray(values, dtype=np.float64)
+    f = float(v.sum()) / count
+    df = float((v * v).sum()) / count - f * f
+    return f, (math.sqrt(df / (count - 1)) if df > 0 and count > 10 else 0.0)
+
+
+def covariance(a: np.ndarray, b: np.ndarray) -> float:
+    """Covariance of the two means (not of the values): 0 below 10 values, as llama.cpp."""
+    count = len(a)
+    if count < 10:
+        return 0.0
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return (float((a64 * b64).sum()) / count - float(a64.sum()) / count * (float(b64.sum()) / count)) / (count - 1)
+
+
+def percentile(sorted_values: np.ndarray, fraction: float) -> float:
+    """llama.cpp's interpolated percentile of float values sorted ascending (float32 arithmetic)."""
+    v = np.asarray(sorted_values, dtype=np.float32)
+    if fraction <= 0:
+        return float(v[0])
+    if fraction >= 1:
+        return float(v[-1])
+    p = np.float32(fraction) * np.float32(len(v) - 1)
+    ip = int(p)
+    p = np.float32(p - np.float32(ip))
+    return float((np.float32(1) - p) * v[ip] + p * v[min(ip + 1, len(v) - 1)])
+
+
+def median(sorted_values: np.ndarray) -> float:
+    v = np.asarray(sorted_values, dtype=np.float32)
+    n = len(v)
+    return float(np.float32(0.5) * (v[n // 2] + v[n // 2 - 1])) if n % 2 == 0 else float(v[n // 2])
+
+
+@dataclass
+class KLStatistics:
+    """What `llama-perplexity --kl-divergence` reports, from per-token values (Q = model, base = reference)."""
+
+    perplexity: float
+    perplexity_uncertainty: float
+    reference_perplexity: float
+    reference_perplexity_uncertainty: float
+    perplexity_ratio: float
+    perplexity_ratio_uncertainty: float
+    kl_divergence: float
+    kl_divergence_uncertainty: float
+    kl_divergence_median: float
+    kl_divergence_p99: float
+    kl_divergence_max: float
+    top1_agreement: float
+    top1_agreement_uncertainty: float
+
+
+def kl_statistics(nll_q: np.ndarray, nll_base: np.ndarray, kl: np.ndarray, same_top: np.ndarray) -> KLStatistics:
+    """llama.cpp's formulas: PPL = exp(mean NLL) ± PPL·σ(mean NLL); the ratio's uncertainty
+    accounts for the covariance of the two NLLs; "same top p" ± sqrt(p(1-p)/(n-1))."""
+    n = len(kl)
+    log_ppl = mean_and_uncertainty(nll_q)
+    log_ppl_base = mean_and_uncertainty(nll_base)
+    cov = covariance(nll_q, nll_base)
+    ratio_log = log_ppl[0] - log_ppl_base[0]
+    ratio_log_unc = math.sqrt(max(0.0, log_ppl[1] ** 2 + log_ppl_base[1] ** 2 - 2.0 * cov))
+    ppl = _perplexity(log_ppl[0], "model")
+    ppl_base = _perplexity(log_ppl_base[0], "reference")
+    ratio = math.exp(ratio_log)
+    kld = mean_and_uncertainty(kl)
+    ordered = np.sort(np.asarray(kl, dtype=np.float32))
+    same = float(np.count_nonzero(same_top)) / n
+    same_unc = math.sqrt(same * (1.0 - same) / (n - 1)) if n > 1 else 0.0
+    return KLStatistics(
+        perplexity=ppl, perplexity_uncertainty=ppl * log_ppl[1],
+        reference_perplexity=ppl_base, reference_perplexity_uncertainty=ppl_base * log_ppl_base[1],
+        perplexity_ratio=ratio, perplexity_ratio_uncertainty=ratio * ratio_log_unc,
+        kl_divergence=kld[0], kl_divergence_uncertainty=kld[1],
+        kl_divergence_median=median(ordered), kl_divergence_p99=percentile(ordered, 0.99),
+        kl_divergence_max=float(ordered[-1]),
+        top1_agreement=same, top1_agreement_uncertainty=same_unc,
+    )
 
 
 def _model_facts(llm: Any) -> tuple[int, int]:
@@ -525,6 +668,33 @@ def _model_facts(llm: Any) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- entry point
+
+
+class SmokeThresholdError(SmokeError):
+    """A threshold (``min_agreement``) failed; the figures are in ``report`` (``--json`` prints them)."""
+
+    def __init__(self, message: str, report: SmokeReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class _Request:
+    """Everything the evaluation child needs (picklable)."""
+
+    model_path: str
+    reference: str | None
+    text: str
+    prompt: str
+    chat: bool
+    n_predict: int
+    n_ctx: int
+    max_tokens_scored: int
+    n_threads: int | None
+    windows: str
+    verbose: bool
+    ram_budget: int
+    chunk_bytes: int
 
 
 def run_smoke(
@@ -539,107 +709,147 @@ def run_smoke(
     max_tokens_scored: int = DEFAULT_MAX_TOKENS_SCORED,
     n_threads: int | None = None,
     min_agreement: float | None = None,
+    windows: str = "sliding",
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> SmokeReport:
     """Load, generate, score the text; with ``reference`` also KL and top-1 agreement.
 
+    llama.cpp runs in a child process (:mod:`upscaler.eval_worker`); this process only checks
+    the files and collects the figures, so a crash in llama.cpp is an EvalCrashed error here.
     Raises SmokeError with one line for anything that means "this model does not work":
     load failure (llama.cpp's reason quoted), non-finite logits, tokenizer mismatch with
-    the reference, or top-1 agreement below ``min_agreement``.
+    the reference, or top-1 agreement below ``min_agreement`` (SmokeThresholdError, which
+    carries the report). ``progress(label, done, total)`` is called while scoring.
     """
-    import llama_cpp
-
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
     if n_ctx < _MIN_N_CTX:
         raise SmokeError(f"n_ctx must be at least {_MIN_N_CTX}, got {n_ctx}")
     if max_tokens_scored < 1 or n_predict < 0:
         raise SmokeError("max_tokens_scored must be >= 1 and n_predict >= 0")
     if min_agreement is not None and reference is None:
         raise SmokeError("min_agreement needs a reference model")
+    if windows not in WINDOWS:
+        raise SmokeError(f"windows must be one of {', '.join(WINDOWS)}, got {windows!r}")
     text = default_text() if text is None else text
     if not text.strip():
         raise SmokeError("perplexity text is empty")
     prompt = DEFAULT_PROMPT if prompt is None else prompt
-    llama_log.install(llama_log.is_verbose())
 
     model_path = checked_model_path(model_path, "model", text + prompt)
+    ref_path = checked_model_path(reference, "reference", text) if reference is not None else None
+    req = _Request(str(model_path), str(ref_path) if ref_path else None, text, prompt, chat, n_predict, n_ctx,
+                   max_tokens_scored, n_threads, windows, llama_log.is_verbose(), _RAM_BUDGET, _CHUNK_BYTES)
+    t_start = time.perf_counter()
+    report: SmokeReport = run_isolated("upscaler.smoke:_evaluate", req, on_progress=progress)
+    report.elapsed = time.perf_counter() - t_start  # the child's start included
+    if min_agreement is not None and report.top1_agreement is not None:
+        if report.top1_agreement < min_agreement:
+            raise SmokeThresholdError(
+                f"top-1 agreement with the reference is {report.top1_agreement:.3f}, below the minimum "
+                f"{min_agreement:.3f} (KL {report.kl_divergence:.4f} nats over {report.n_tokens_scored} tokens)",
+                report,
+            )
+    return report
+
+
+def _evaluate(req: _Request, rep: Reporter) -> SmokeReport:
+    """The child's side of :func:`run_smoke`: one model in memory at a time, the model first.
+
+    The model under test is loaded, generates, and scores the text, keeping its logits at
+    the scored positions; it is closed before the reference is loaded and scored against them.
+    """
+    import llama_cpp
+
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    llama_log.install(req.verbose)
+    model_path = Path(req.model_path)
     model_label = f"model {model_path.name}"  # errors from here on name the file they are about
+    reference = Path(req.reference) if req.reference else None
     ref_tokens: list[int] | None = None
     if reference is not None:
-        reference = checked_model_path(reference, "reference", text)
         ref_label = f"reference {reference.name}"
-        ref_tokens, ref_n_vocab = _vocab_only_tokens(reference, text)
+        rep.stage(f"reading the vocabulary of {ref_label}")
+        ref_tokens, ref_n_vocab = _vocab_only_tokens(reference, req.text)
 
+    rep.stage(f"loading {model_label}")
     t = time.perf_counter()
-    with _open(model_path, what="model", n_ctx=n_ctx, n_threads=n_threads) as llm:
+    with _open(model_path, what="model", n_ctx=req.n_ctx, n_threads=req.n_threads) as llm:
         timings["load"] = time.perf_counter() - t
+        extra_bufts = bool(llm.model_params.use_extra_bufts)
         vocab = _vocab(llm)
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         n_layer, n_params = _model_facts(llm)
-        tokens = _tokenize(vocab, text)
+        tokens = _tokenize(vocab, req.text)
         if ref_tokens is not None:
             _check_same_tokens(vocab, ref_tokens, ref_n_vocab, tokens, n_vocab)
 
+        rep.stage(f"generating with {model_label}")
         t = time.perf_counter()
         try:
-            generated, n_generated = (_chat if chat else _generate)(llm, prompt, n_predict, model_label)
+            generated, n_generated = (_chat if req.chat else _generate)(llm, req.prompt, req.n_predict, model_label)
         except SmokeError as e:
             msg = str(e)
             raise SmokeError(msg if msg.startswith(model_label) else f"{model_label}: {msg}") from None
         timings["generate"] = time.perf_counter() - t
 
-        windows = _windows(len(tokens), n_ctx, max_tokens_scored)
-        n_scored = windows[-1][1] - 1
-        kept = _Kept.allocate(n_scored, n_vocab) if reference is not None else None
+        windows = _windows(len(tokens), req.n_ctx, req.max_tokens_scored, req.windows)
+        n_scored = _n_scored(windows)
+        kept = _Kept.allocate(n_scored, n_vocab, req.ram_budget) if reference is not None else None
+        rep.stage(f"scoring {model_label}")
         t = time.perf_counter()
         try:
-            scores = _score(llm, tokens, windows, what=model_label, keep=kept)
+            scores = _score(llm, tokens, windows, what=model_label, keep=kept, chunk_bytes=req.chunk_bytes,
+                            progress=lambda d, n: rep.progress("model", d, n))
         except BaseException:
             if kept is not None:
                 kept.close()
             raise
         timings["perplexity"] = time.perf_counter() - t
 
+    log_ppl = mean_and_uncertainty(scores.nll)
+    ppl = _perplexity(log_ppl[0], model_label)
     report = SmokeReport(
         model=str(model_path),
         loaded=True,
         text=generated,
-        prompt=prompt,
-        chat=chat,
-        perplexity=_perplexity(scores, model_label),
+        prompt=req.prompt,
+        chat=req.chat,
+        perplexity=ppl,
         n_tokens_scored=scores.n,
-        n_ctx=n_ctx,
+        n_ctx=req.n_ctx,
         n_vocab=n_vocab,
         n_layer=n_layer,
         n_params=n_params,
         n_generated=n_generated,
+        n_tokens_text=len(tokens),
+        windows=req.windows,
+        extra_buffer_types=extra_bufts,
+        perplexity_uncertainty=ppl * log_ppl[1],
     )
 
     if reference is not None and kept is not None:
         try:
+            rep.stage(f"loading {ref_label}")
             t = time.perf_counter()
-            with _open(reference, what="reference", n_ctx=n_ctx, n_threads=n_threads) as ref:
-                ref_scores = _score(ref, tokens, windows, what=ref_label, against=kept)
+            with _open(reference, what="reference", n_ctx=req.n_ctx, n_threads=req.n_threads) as ref:
+                rep.stage(f"scoring {ref_label}")
+                ref_scores = _score(ref, tokens, windows, what=ref_label, against=kept, chunk_bytes=req.chunk_bytes,
+                                    progress=lambda d, n: rep.progress("reference", d, n))
                 report.reference_n_layer, report.reference_n_params = _model_facts(ref)
             timings["reference"] = time.perf_counter() - t
         finally:
             kept.close()
-        report.reference = str(reference)
-        report.reference_perplexity = _perplexity(ref_scores, ref_label)
-        report.kl_divergence = ref_scores.kl_sum / ref_scores.n
-        report.kl_divergence_max = ref_scores.kl_max
-        report.top1_agreement = ref_scores.n_agree / ref_scores.n
-        if not math.isfinite(report.kl_divergence):
+        assert ref_scores.kl is not None and ref_scores.agree is not None
+        if not np.isfinite(ref_scores.kl).all():
             raise SmokeError("KL divergence against the reference is not finite")
+        _perplexity(float(ref_scores.nll.mean()), ref_label)  # overflow names the reference
+        stats = kl_statistics(scores.nll, ref_scores.nll, ref_scores.kl, ref_scores.agree)
+        report.reference = str(reference)
+        for key, value in asdict(stats).items():
+            setattr(report, key, value)
 
     report.timings = {k: round(v, 3) for k, v in timings.items()}
     report.elapsed = time.perf_counter() - t_start
-    if min_agreement is not None and report.top1_agreement is not None:
-        if report.top1_agreement < min_agreement:
-            raise SmokeError(
-                f"top-1 agreement with the reference is {report.top1_agreement:.3f}, below the minimum "
-                f"{min_agreement:.3f} (KL {report.kl_divergence:.4f} nats over {report.n_tokens_scored} tokens)"
-            )
     return report
 
 
