@@ -294,16 +294,13 @@ def bench_run(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
 
 PLAIN_UPSCALE = """
 import sys
-from upscaler.output import build_output
-from upscaler.plan import build_plan
-from upscaler.resolve import resolve
+from upscaler.pipeline import prepare
 from upscaler.source import TensorReader
 from upscaler.tensor_data import emit
 from upscaler.writer import GGUFOutput
-res = resolve(sys.argv[1], preset=sys.argv[2])
-out = build_output(build_plan(res.recipe, res.models), res.models)
+prep = prepare(sys.argv[1], preset=sys.argv[2])
 with TensorReader() as reader:  # every tensor copied from the source: no sharing of duplicates
-    GGUFOutput(out, sys.argv[3], inputs=res.input_paths).write(lambda t, sink: emit(t, reader, sink))
+    GGUFOutput(prep.out, sys.argv[3], inputs=prep.input_paths).write(lambda t, sink: emit(t, reader, sink))
 """
 
 

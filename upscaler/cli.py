@@ -17,14 +17,12 @@ import typer
 from . import __version__
 from .errors import UpscaleError
 from .metadata import base_models, recorded_lineage
-from .output import build_output
-from .plan import build_plan
+from .pipeline import prepare
 from .progress import BarProgress
 from .report import (COMPUTE_OVERHEAD, PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs,
                      type_counts)
-from .resolve import resolve
-from .source import SourceModel, TensorReader
-from .tensor_data import Emitter, check_scalable
+from .source import BLOCK_RE, SourceModel, TensorReader
+from .tensor_data import Emitter
 from .writer import GGUFOutput, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -63,18 +61,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
         raise typer.Exit()
 
 
-def _prepare(source: Optional[str], slices: Optional[str], config: Optional[str], preset: Optional[str],
-             model: Optional[list[str]], name: Optional[str] = None):
-    res = resolve(source, slices=slices, config=config, preset=preset, model_opts=model)
-    _warn(res.recipe.warnings)
-    plan = build_plan(res.recipe, res.models)
-    out = build_output(plan, res.models, name=name)
-    _warn(out.warnings)
-    for t in out.tensors:
-        check_scalable(t)
-    return res, plan, out
-
-
 def _card_destination(enabled: bool, path: Optional[Path], output: Path, force: bool) -> Optional[Path]:
     """The model card's path, checked before any work so a refusal costs nothing."""
     if not enabled:
@@ -93,7 +79,8 @@ def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, qu
     from .model_card import render_model_card, write_model_card
     try:
         card = render_model_card(paths, sources=res.models, recipe_yaml=p.recipe.to_yaml(), smoke=smoke,
-                                 quant_type=quant_type, command_line=shlex.join(["gguf-upscale", *sys.argv[1:]]))
+                                 quant_type=quant_type, command_line=shlex.join(["gguf-upscale", *sys.argv[1:]]),
+                                 plan=p)
         written = write_model_card(card, dest, force=force)
     except UpscaleError as e:
         raise UpscaleError(f"the output was written, but not its model card: {e}") from None
@@ -132,7 +119,8 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
          preset: Optional[str] = PresetOpt, model: Optional[list[str]] = ModelOpt,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable plan on stdout.")) -> None:
     """Validate a recipe against the source and show the layer map, size and memory needed (dry run)."""
-    res, p, out = _prepare(source, slices, config, preset, model)
+    prep = prepare(source, slices=slices, config=config, preset=preset, models=model, warn=_warn)
+    res, p, out = prep.resolved, prep.plan, prep.out
     first = res.models[p.embed_model]
     n_head = _widest(first.arch_get("attention.head_count"), 1)
     n_head_kv = _widest(first.arch_get("attention.head_count_kv"), n_head)
@@ -181,7 +169,8 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
             model_card: bool = CardOpt, model_card_path: Optional[Path] = CardPathOpt,
             quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary.")) -> None:
     """Write the upscaled GGUF with tensor types unchanged (no re-quantization)."""
-    res, p, out = _prepare(source, slices, config, preset, model, name)
+    prep = prepare(source, slices=slices, config=config, preset=preset, models=model, name=name, warn=_warn)
+    res, p, out = prep.resolved, prep.plan, prep.out
     split = parse_size(split_max_size) if split_max_size else 0
     writer = GGUFOutput(out, output, split_max_size=split, force=force, inputs=res.input_paths)
     writer.check()  # the output's own refusals come first, then the card's
@@ -284,7 +273,8 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
         raise UpscaleError(f"--mixture must be target or source, got {mixture!r}")
     qtype = parse_quant_type(type_)
     log = _tensor_logger(verbose)
-    res, p, out = _prepare(source, slices, config, preset, model, name)
+    prep = prepare(source, slices=slices, config=config, preset=preset, models=model, name=name, warn=_warn)
+    res, p, out = prep.resolved, prep.plan, prep.out
     warn = requantize_warning(list(res.models.values()))
     if warn:
         _warn([warn])
@@ -368,9 +358,7 @@ def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", hel
     """Carry an importance matrix over to the upscaled layer numbering (copies for duplicated layers)."""
     from .imatrix import remap_imatrix, save_imatrix
     from .pipeline import parse_imatrix_options
-    res = resolve(source, slices=slices, config=config, preset=preset, model_opts=model)
-    _warn(res.recipe.warnings)
-    p = build_plan(res.recipe, res.models)
+    p = prepare(source, slices=slices, config=config, preset=preset, models=model, output=False, warn=_warn).plan
     ims = parse_imatrix_options(imatrix_file, list(p.models))
     missing = [n for n in p.models if n not in ims]
     if missing:
@@ -384,8 +372,8 @@ def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", hel
     if (fmt == "gguf") != (output.suffix == ".gguf"):
         raise UpscaleError(f"{output}: the input imatrix is in {'GGUF' if fmt == 'gguf' else 'legacy .dat'} format "
                            "and the output keeps it; name the output accordingly")
-    head = {"output": p.head_model, "output_norm": p.head_model, "token_embd": p.embed_model}
-    data = remap_imatrix({k: v.data for k, v in ims.items()}, p.layer_map(), non_block_model=head)
+    non_block = {n: p.model_of(n) for im in ims.values() for n in im.data.entries if not BLOCK_RE.match(n)}
+    data = remap_imatrix({k: v.data for k, v in ims.items()}, p.layer_map(), non_block_model=non_block)
     save_imatrix(data, output)
     typer.echo(f"wrote {output}: {len(data.entries)} entries for {p.block_count} layers "
                f"(from {sum(len(v.data.entries) for v in ims.values())} source entries)")

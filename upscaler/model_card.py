@@ -29,8 +29,9 @@ from typing import Any, Iterable
 import yaml
 
 from . import __version__
-from .errors import OutputError, RecipeError, UpscaleError
+from .errors import OutputError, UpscaleError
 from .metadata import base_models, recorded_lineage
+from .plan import Plan
 from .report import human_bytes, human_count
 from .source import SHARD_RE, SourceModel
 
@@ -267,14 +268,15 @@ def _pipeline_tag(srcs: list[_Source]) -> str:
 
 def render_model_card(output_paths: list[Path], *, sources: dict[str, SourceModel], recipe_yaml: str | None,
                       smoke: dict[str, Any] | None = None, quant_type: str | None = None,
-                      command_line: str | None = None) -> str:
+                      command_line: str | None = None, plan: Plan | None = None) -> str:
     """The README.md for the written output (`output_paths`: its file or shards, first shard first).
 
     `sources`: recipe model name -> opened source model, in the plan's order. `recipe_yaml`: the
     recipe as recorded (the output's `upscale.recipe` is used when None). `smoke`:
     `SmokeReport.to_dict()` or None. `quant_type`: the llama-quantize type the output was made
     with (else read from `general.file_type`). `command_line`: how it was made, shown as given
-    except that absolute paths are shortened to file names.
+    except that absolute paths are shortened to file names. `plan`: the plan the output was made
+    from (the layer map's scale notes come from it; none without it).
     """
     if not output_paths:
         raise UpscaleError("model card: no output files given")
@@ -307,7 +309,7 @@ def render_model_card(output_paths: list[Path], *, sources: dict[str, SourceMode
         f"# {_md(title)}",
         _description(title, srcs, lineage, _slice_count(recipe_text, lineage), out.n_params, size_label, qtype,
                      total_bytes, len(files)),
-        _merge_details(srcs, recipe_text, lineage, sources),
+        _merge_details(srcs, recipe_text, lineage, plan),
         _files_section(out, files, qtype),
     ]
     if smoke:
@@ -412,21 +414,15 @@ def _runs(layers: list[tuple[str, int]]) -> list[tuple[int, int, str, int, int]]
     return out
 
 
-def _scales_by_layer(recipe_text: str, sources: dict[str, SourceModel], lineage: dict[str, Any]) -> dict[int, str]:
-    """Output layer -> 'attn_output ×0, ffn_down ×0' from the recipe's parameters (only if it replans identically)."""
-    try:
-        from .plan import build_plan
-        from .recipe import parse_yaml_text
-        plan = build_plan(parse_yaml_text(recipe_text, "recorded recipe"), sources)
-    except (UpscaleError, RecipeError, KeyError, ValueError):
-        return {}
-    if [(l.model, l.source_layer) for l in plan.layers] != [tuple(x) for x in lineage["layers"]]:
+def _scales_by_layer(plan: Plan | None, lineage: dict[str, Any]) -> dict[int, str]:
+    """Output layer -> 'attn_output ×0, ffn_down ×0' from the plan the output was made with (none
+    without a plan, or when the plan's layer map is not the recorded one)."""
+    if plan is None or plan.layer_map() != [tuple(x) for x in lineage["layers"]]:
         return {}
     return {l.index: ", ".join(f"{s} ×{f:g}" for s, f in l.scales) for l in plan.layers if l.scales}
 
 
-def _merge_details(srcs: list[_Source], recipe_text: str, lineage: dict[str, Any],
-                   sources: dict[str, SourceModel]) -> str:
+def _merge_details(srcs: list[_Source], recipe_text: str, lineage: dict[str, Any], plan: Plan | None) -> str:
     out = ["## Merge details", "", "### Merge method", "",
            "This model was merged using the passthrough merge method: output layers are copies of source "
            "layers, in the order the recipe lists them. The token embeddings come from the first slice's model "
@@ -465,7 +461,7 @@ def _merge_details(srcs: list[_Source], recipe_text: str, lineage: dict[str, Any
         out.append("")
     out += ["### Layer map", "",
             "Layer numbers are inclusive here; `layer_range` in the recipe is half-open, as in mergekit.", ""]
-    scales = _scales_by_layer(recipe_text, sources, lineage)
+    scales = _scales_by_layer(plan, lineage)
     by_name = {s.recipe_name: s for s in srcs}
     rows = []
     for oa, ob, m, sa, sb in _runs(lineage["layers"]):

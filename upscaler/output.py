@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from gguf import GGMLQuantizationType
 
 from .metadata import build_metadata
-from .plan import Plan, global_source
+from .plan import Plan
 from .source import KV, SourceModel, SourceTensor
 
 
@@ -81,7 +81,7 @@ def build_output(plan: Plan, models: dict[str, SourceModel], *, name: str | None
     after = [t for t in order[first_block:] if t.block is None]
 
     def global_tensor(t: SourceTensor) -> OutTensor:
-        src_model = models[global_source(t.name, plan)]
+        src_model = models[plan.model_of(t.name)]
         src = src_model.tensors.get(t.name, t)
         return OutTensor(t.name, src, plan.global_scales.get(t.name, 1.0))
 

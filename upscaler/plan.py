@@ -15,7 +15,7 @@ from . import archs
 from .errors import RecipeError
 from .recipe import Recipe, lookup_parameter
 from .llama_limits import LLAMA_MAX_LAYERS
-from .source import SourceModel, SourceTensor
+from .source import BLOCK_RE, SourceModel, SourceTensor
 
 # GGUF tensor kind -> the HF name mergekit filters see (llama naming; most archs share it)
 HF_NAMES = {
@@ -105,7 +105,23 @@ class Plan:
             and not self.global_scales)
 
     def layer_map(self) -> list[tuple[str, int]]:
+        """(model, source layer) of each output layer: the layer layout lineage, imatrix remap and checks use."""
         return [(l.model, l.source_layer) for l in self.layers]
+
+    def model_of(self, tensor_name: str) -> str:
+        """The recipe model output tensor `tensor_name` comes from: its layer's model for `blk.N.*`,
+        mergekit's rule for the rest (`global_source`). The one place that decides it."""
+        m = BLOCK_RE.match(tensor_name)
+        if m and int(m.group(1)) < len(self.layers):
+            return self.layers[int(m.group(1))].model
+        return global_source(tensor_name, self)
+
+    def scale_of(self, tensor_name: str) -> float:
+        """The factor output tensor `tensor_name` is scaled by (1.0: unscaled)."""
+        m = BLOCK_RE.match(tensor_name)
+        if m and int(m.group(1)) < len(self.layers):
+            return self.layers[int(m.group(1))].scale_of(m.group(2))
+        return self.global_scales.get(tensor_name, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -163,7 +179,7 @@ def _digest(value: Any) -> str | None:
     return h.hexdigest()
 
 
-def _scales_for(recipe: Recipe, slice_idx: int, src_idx: int, tensors: dict[str, SourceTensor],
+def scales_for(recipe: Recipe, slice_idx: int, src_idx: int, tensors: dict[str, SourceTensor],
                 layer: int, t: float, weight_factor: float, arch: str | None = None) -> tuple[tuple[str, float], ...]:
     out = []
     for suffix in sorted(tensors):
@@ -190,7 +206,7 @@ def _as_float(v: Any, what: str) -> float:
     return float(v)
 
 
-def _linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> tuple[int, float]:
+def linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> tuple[int, float]:
     """A linear slice is a passthrough when exactly one source has a non-zero weight."""
     s = recipe.slices[si]
     chosen: set[tuple[int, float]] = set()
@@ -250,7 +266,7 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
 
     layers: list[OutputLayer] = []
     for si, s in enumerate(recipe.slices):
-        src_idx, weight_factor = (0, 1.0) if recipe.method == "passthrough" else _linear_choice(recipe, si, used)
+        src_idx, weight_factor = (0, 1.0) if recipe.method == "passthrough" else linear_choice(recipe, si, used)
         src = s.sources[src_idx]
         model = used[src.model]
         n = model.block_count
@@ -264,7 +280,7 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
                 raise RecipeError(f"slice {si}: model {src.model!r} has no tensors for layer {layer} "
                                   f"although block_count is {n}")
             t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
-            scales = _scales_for(recipe, si, src_idx, tensors, layer, t, weight_factor, arch)
+            scales = scales_for(recipe, si, src_idx, tensors, layer, t, weight_factor, arch)
             layers.append(OutputLayer(len(layers), src.model, layer, si, scales))
     if not layers:
         raise RecipeError("the recipe produces no layers")
@@ -282,11 +298,11 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
     if recipe.method == "linear":  # the chosen source, not necessarily the first listed
         plan.embed_model = layers[0].model
         plan.head_model = layers[-1].model
-    _global_scales(plan, used)
+    fill_global_scales(plan, used)
     return plan
 
 
-def _global_scales(plan: Plan, models: dict[str, SourceModel]) -> None:
+def fill_global_scales(plan: Plan, models: dict[str, SourceModel]) -> None:
     """Scale rules also apply to non-block tensors (mergekit evaluates them for every tensor)."""
     first, last = plan.layers[0], plan.layers[-1]
     for name in (t.name for t in models[plan.embed_model].non_block_tensors):

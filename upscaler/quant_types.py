@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gguf import GGMLQuantizationType as Q
+
 from .errors import QuantizeError
 
 
@@ -118,7 +120,8 @@ FTYPES_NEEDING_IMATRIX: frozenset[int] = frozenset({
 # ggml tensor types (ggml_type ids) that llama.cpp only quantizes with an importance matrix
 # (llama-quant.cpp tensor_requires_imatrix; Q2_K also, but only inside a Q2_K_S file):
 # IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ2_S, IQ1_M.
-TENSOR_TYPES_NEEDING_IMATRIX: frozenset[int] = frozenset({16, 17, 18, 19, 22, 29})
+TENSOR_TYPES_NEEDING_IMATRIX: frozenset[int] = frozenset(int(t) for t in (
+    Q.IQ2_XXS, Q.IQ2_XS, Q.IQ3_XXS, Q.IQ1_S, Q.IQ2_S, Q.IQ1_M))
 
 _GIB_PER_LLAMA3_8B = 2**30 * 8 / 8.03e9  # GiB of a Llama-3-8B file -> bits per weight
 

@@ -24,7 +24,7 @@ from . import ggml
 from .errors import QuantizeError
 from .llama_quant import Mixture, llama_tensor_order, target_types, tensor_nbytes
 from .output import OutputModel, OutTensor
-from .plan import Plan, global_source
+from .plan import Plan
 from .quant_types import QuantType
 from .source import KV, SourceModel, TensorReader, row_bytes
 from .tensor_data import FirstCopies, scaled_rows
@@ -45,15 +45,7 @@ def _source_mixture_types(out: OutputModel, plan: Plan, models: dict[str, Source
     """Each output tensor gets the type its source tensor gets when its own model is quantized."""
     per_model = {name: target_types(list(m.tensors.values()), m.kvs.values(), qtype, imatrix=imatrix, mixture=mixture)
                  for name, m in models.items() if name in plan.models}
-    by_layer = {l.index: l for l in plan.layers}
-    types: dict[str, int] = {}
-    for t in out.tensors:
-        if t.name.startswith("blk."):
-            layer = by_layer[int(t.name.split(".")[1])]
-            types[t.name] = per_model[layer.model][t.source.name]
-        else:
-            types[t.name] = per_model[global_source(t.name, plan)][t.name]
-    return types
+    return {t.name: per_model[plan.model_of(t.name)][t.source.name] for t in out.tensors}
 
 
 def assign_types(out: OutputModel, qtype: QuantType, *, imatrix_kvs: list[KV] | None = None, has_imatrix: bool = False,
@@ -134,7 +126,7 @@ class QuantEmitter:
                 how = "copied"
             else:
                 t0 = time.perf_counter()
-                for chunk in self._quantized_chunks(t):
+                for chunk in self.quantized_chunks(t):
                     sink.write(chunk)
                 self.stats.seconds_quantizing += time.perf_counter() - t0
                 self.stats.quantized += 1
@@ -152,7 +144,7 @@ class QuantEmitter:
             self._pool = None
         self._copies.close()
 
-    def _quantized_chunks(self, t: OutTensor):
+    def quantized_chunks(self, t: OutTensor):
         """Rows of `t` in its target type, a bounded slab at a time (quantization is per row, so
         slabs give the same bytes as a whole-tensor pass)."""
         src = t.source
