@@ -132,7 +132,7 @@ def synthetic_model(path: Path, *, n_layer: int, n_embd: int, n_ff: int, n_vocab
     w.write_ti_data_to_file()
     fout = w.fout[0]
     w.write_padding(fout, fout.tell())
-    for name, shape, is_norm in shapes:
+    for _name, shape, is_norm in shapes:
         n = int(np.prod(shape))
         if is_norm:
             fout.write(np.ones(n, np.float32).tobytes())

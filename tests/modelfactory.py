@@ -589,7 +589,7 @@ def _moe_layers(names: list[str], shapes: dict[str, tuple[int, ...]], dims: Dims
     return out_names, out_shapes
 
 
-def load_llama(path: Path | str, **kw: Any) -> "llama_cpp.Llama":
+def load_llama(path: Path | str, **kw: Any) -> llama_cpp.Llama:
     """Open a model the way every test compares logits: small ctx, all logits kept, 2 threads."""
     import llama_cpp
 
@@ -598,7 +598,7 @@ def load_llama(path: Path | str, **kw: Any) -> "llama_cpp.Llama":
     return llama_cpp.Llama(model_path=str(path), **params)
 
 
-def eval_logits(llm: "llama_cpp.Llama", tokens: Sequence[int]) -> np.ndarray:
+def eval_logits(llm: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
     """Logits for every position, shape [len(tokens), n_vocab], from a fresh KV cache."""
     llm.reset()
     llm.eval(list(tokens))

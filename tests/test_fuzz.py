@@ -28,8 +28,8 @@ import sys
 import tempfile
 import textwrap
 import time
-import tracemalloc
 import traceback
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -103,7 +103,7 @@ def _layer_count_attention_scale(n_layer_27b: int) -> LayoutCheck:
     No metadata key overrides it, so the output must stay on the source's side of that count
     unless both formulas agree."""
 
-    def check(arch: str, models: Mapping[str, "SourceModel"], layers: Sequence[tuple[str, int]]) -> None:
+    def check(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
         out_n = len(layers)
         for name in dict.fromkeys(m for m, _ in layers):
             m = models[name]
@@ -125,7 +125,7 @@ def _layer_count_attention_scale(n_layer_27b: int) -> LayoutCheck:
     return check
 
 
-def _command_r_qk_norm(arch: str, models: Mapping[str, "SourceModel"], layers: Sequence[tuple[str, int]]) -> None:
+def _command_r_qk_norm(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
     """command-r loads attn_q_norm/attn_k_norm in every layer when n_layer >= 64 (Command R+),
     and never below (models/command-r.cpp); the output's depth must agree with its tensors."""
     out_n = len(layers)
@@ -143,7 +143,7 @@ def _fixed_kinds(rule: str, kind: Callable[[int, int], Any], kind_names: tuple[s
     """For hard-coded positional rules without a per-layer form: allow a plan only when every
     output position has the same kind as its source layer had."""
 
-    def check(arch: str, models: Mapping[str, "SourceModel"], layers: Sequence[tuple[str, int]]) -> None:
+    def check(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
         out_n = len(layers)
         for i, (name, j) in enumerate(layers):
             src_kind, out_kind = kind(j, models[name].block_count), kind(i, out_n)
@@ -319,7 +319,7 @@ def is_offset_norm(arch: str | None, suffix: str) -> bool:
     return bool(a and a.offset_norms and suffix.rpartition(".")[0].endswith("norm"))
 
 
-def check_layout(arch: str, models: Mapping[str, "SourceModel"], layers: Sequence[tuple[str, int]]) -> None:
+def check_layout(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
     """Refuse (RecipeError) output layouts llama.cpp would interpret differently from the source."""
     a = SUPPORTED.get(arch)
     for check in (a.checks if a else ()):

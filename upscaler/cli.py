@@ -19,8 +19,7 @@ from .errors import UpscaleError
 from .metadata import base_models, recorded_lineage
 from .pipeline import prepare
 from .progress import BarProgress
-from .report import (COMPUTE_OVERHEAD, PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs,
-                     type_counts)
+from .report import COMPUTE_OVERHEAD, PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs, type_counts
 from .source import BLOCK_RE, SourceModel, TensorReader
 from .tensor_data import Emitter
 from .writer import GGUFOutput, parse_size
@@ -76,6 +75,7 @@ def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, qu
     if dest is None:
         return
     import shlex
+
     from .model_card import render_model_card, write_model_card
     try:
         card = render_model_card(paths, sources=res.models, recipe_yaml=p.recipe.to_yaml(), smoke=smoke,
@@ -223,8 +223,7 @@ def quantize(input: str = typer.Argument(..., metavar="IN.gguf", help="A GGUF fi
              force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
              verbose: bool = VerboseOpt) -> None:
     """Re-quantize a GGUF with llama.cpp's kernels: the same types and bytes llama-quantize writes."""
-    from .pipeline import (check_imatrix_coverage, load_imatrix_option, requantize_warning, whole_model,
-                           write_quantized)
+    from .pipeline import check_imatrix_coverage, load_imatrix_option, requantize_warning, whole_model, write_quantized
     from .quant_types import parse_quant_type
     from .quantizer import assign_types
     qtype = parse_quant_type(type_)
@@ -265,8 +264,13 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
         model_card: bool = CardOpt, model_card_path: Optional[Path] = CardPathOpt,
         verbose: bool = VerboseOpt) -> None:
     """One pass: upscale, quantize each distinct tensor once (copies reuse the bytes), smoke-test."""
-    from .pipeline import (check_imatrix_coverage, parse_imatrix_options, requantize_warning,
-                           source_imatrix_lookup, write_quantized)
+    from .pipeline import (
+        check_imatrix_coverage,
+        parse_imatrix_options,
+        requantize_warning,
+        source_imatrix_lookup,
+        write_quantized,
+    )
     from .quant_types import parse_quant_type
     from .quantizer import assign_types
     if mixture not in ("target", "source"):

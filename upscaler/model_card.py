@@ -18,10 +18,8 @@ command line are shortened to file names).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -29,6 +27,7 @@ from typing import Any, Iterable
 import yaml
 
 from . import __version__
+from .atomic import atomic_write
 from .errors import OutputError, UpscaleError
 from .metadata import base_models, recorded_lineage
 from .plan import Plan
@@ -464,7 +463,7 @@ def _merge_details(srcs: list[_Source], recipe_text: str, lineage: dict[str, Any
     scales = _scales_by_layer(plan, lineage)
     by_name = {s.recipe_name: s for s in srcs}
     rows = []
-    for oa, ob, m, sa, sb in _runs(lineage["layers"]):
+    for oa, ob, m, sa, _sb in _runs(lineage["layers"]):
         # split a run where the scaling changes, so each row has one note
         start = oa
         for i in range(oa, ob + 1):
@@ -646,34 +645,14 @@ def check_card_writable(path: Path, *, force: bool) -> None:
 
 
 def write_model_card(card: str, dest_dir_or_path: Path, *, force: bool) -> Path:
-    """Write `card` atomically (temporary file + rename); never replace an existing file without `force`."""
+    """Write `card` atomically (atomic.atomic_write); never replace an existing file without `force`."""
     path = card_path(Path(dest_dir_or_path))
     check_card_writable(path, force=force)
-    data = card.encode("utf-8")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{TOOL}-tmp.", dir=path.parent)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic create-if-absent: a card that appeared meanwhile is kept
-            except FileExistsError:
-                raise OutputError(f"{path}: model card already exists (use --force to overwrite it, "
-                                  "or --no-model-card)") from None
-            except OSError:  # filesystem without hard links
-                if path.exists():
-                    raise OutputError(f"{path}: model card already exists (use --force to overwrite it, "
-                                      "or --no-model-card)") from None
-                os.replace(tmp, path)
+        atomic_write(path, card.encode("utf-8"), replace=force)
+    except FileExistsError:
+        raise OutputError(f"{path}: model card already exists (use --force to overwrite it, "
+                          "or --no-model-card)") from None
     except OSError as e:
         raise OutputError(f"{path}: cannot write the model card ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -67,7 +67,7 @@ class OutputModel:
     def kv(self, key: str) -> KV | None:
         return next((kv for kv in self.kvs if kv.key == key), None)
 
-    def with_tensors(self, tensors: list[OutTensor], kvs: list[KV] | None = None) -> "OutputModel":
+    def with_tensors(self, tensors: list[OutTensor], kvs: list[KV] | None = None) -> OutputModel:
         return replace(self, tensors=tensors, kvs=kvs if kvs is not None else self.kvs)
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from . import archs
 from .errors import RecipeError
-from .recipe import Recipe, lookup_parameter
 from .llama_limits import LLAMA_MAX_LAYERS
+from .recipe import Recipe, lookup_parameter
 from .source import BLOCK_RE, SourceModel, SourceTensor
 
 # GGUF tensor kind -> the HF name mergekit filters see (llama naming; most archs share it)
@@ -210,7 +210,7 @@ def linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> tu
     """A linear slice is a passthrough when exactly one source has a non-zero weight."""
     s = recipe.slices[si]
     chosen: set[tuple[int, float]] = set()
-    for j, src in enumerate(s.sources):
+    for src in s.sources:
         a, b = src.layer_range
         model = models[src.model]
         for layer in range(a, b):

@@ -22,7 +22,8 @@ from gguf import GGUFValueType as T
 
 from . import ggml
 from .errors import QuantizeError
-from .llama_quant import Mixture, llama_tensor_order, target_types, tensor_nbytes
+from .gguf_header import tensor_nbytes
+from .llama_quant import Mixture, llama_tensor_order, target_types
 from .output import OutputModel, OutTensor
 from .plan import Plan
 from .quant_types import QuantType

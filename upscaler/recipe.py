@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import RecipeError
 
 # A mergekit parameter value: scalar, gradient (list of numbers), or conditional list of {filter, value}.
-ParamValue = Union[float, int, bool, str, list[Any], dict[str, Any], None]
+ParamValue = float | int | bool | str | list[Any] | dict[str, Any] | None
 
 SUPPORTED_METHODS = ("passthrough", "linear")
 MAX_LAYER_INDEX = 100_000
@@ -231,7 +231,12 @@ def _first_error(e: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def parse_yaml_text(text: str, origin: str = "recipe") -> Recipe:
+def load_yaml_document(text: str, origin: str = "recipe") -> tuple[Any, list[str]]:
+    """Recipe text -> (the YAML document, duplicate-key notes), refusing what no recipe is: over
+    MAX_RECIPE_BYTES, too deep or too many items (checked before composing), alias bombs, YAML
+    tags. Errors are one-line RecipeErrors prefixed with `origin`."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{origin}: recipe is over {MAX_RECIPE_BYTES // 1024} KB; a recipe is a few KB")
     try:
         _check_shape(text)
         loader = _NoAliasBombLoader(text)
@@ -248,6 +253,11 @@ def parse_yaml_text(text: str, origin: str = "recipe") -> Recipe:
         raise RecipeError(f"{origin}: {e}") from None
     except RecursionError:  # a last resort; the depth checks above should make it unreachable
         raise RecipeError(f"{origin}: recipe YAML nests too deeply") from None
+    return doc, list(getattr(loader, "duplicates", []))
+
+
+def parse_yaml_text(text: str, origin: str = "recipe") -> Recipe:
+    doc, duplicates = load_yaml_document(text, origin)
     if not isinstance(doc, dict):
         raise RecipeError(f"{origin}: expected a mergekit YAML mapping with merge_method and slices")
     try:
@@ -255,7 +265,7 @@ def parse_yaml_text(text: str, origin: str = "recipe") -> Recipe:
     except ValidationError as e:
         raise RecipeError(f"{origin}: {_first_error(e)}") from None
     recipe = normalize_config(cfg, origin)
-    recipe.warnings[:0] = [f"{origin}: {d}" for d in getattr(loader, "duplicates", [])]
+    recipe.warnings[:0] = [f"{origin}: {d}" for d in duplicates]
     return recipe
 
 

@@ -403,7 +403,7 @@ class _Kept:
     _file: Any = None
 
     @classmethod
-    def allocate(cls, n_rows: int, n_vocab: int) -> "_Kept":
+    def allocate(cls, n_rows: int, n_vocab: int) -> _Kept:
         nbytes = n_rows * n_vocab * 4
         f = None
         if nbytes > _RAM_BUDGET:
