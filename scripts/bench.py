@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +127,12 @@ def synthetic_model(path: Path, *, n_layer: int, n_embd: int, n_ff: int, n_vocab
         if is_norm:
             w.add_tensor_info(name, shape, np.dtype(np.float32), shape[0] * 4, raw_dtype=GGMLQuantizationType.F32)
         else:
-            w.add_tensor_info(name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2, raw_dtype=GGMLQuantizationType.F16)
+            w.add_tensor_info(name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2,
+                              raw_dtype=GGMLQuantizationType.F16)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    assert w.fout is not None
     fout = w.fout[0]
     w.write_padding(fout, fout.tell())
     for _name, shape, is_norm in shapes:
@@ -177,7 +180,8 @@ def bench_upscale(work: Path, size_gb: float) -> dict:
     globals_ = 2 * n_vocab * n_embd * 2
     n_layer = max(4, int(np.ceil((size_gb * 1e9 - globals_) / per_layer)))
     n_layer += n_layer % 2
-    src = synthetic_model(work / f"synthetic-{n_layer}L-F16.gguf", n_layer=n_layer, n_embd=n_embd, n_ff=n_ff, n_vocab=n_vocab)
+    src = synthetic_model(work / f"synthetic-{n_layer}L-F16.gguf", n_layer=n_layer, n_embd=n_embd, n_ff=n_ff,
+                          n_vocab=n_vocab)
     out = work / "upscaled.gguf"
     src_size = src.stat().st_size
 
@@ -287,7 +291,8 @@ def bench_run(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
     return {"source_bytes": src.stat().st_size, "plan": "overlap-halves (12 -> 18 layers)", "type": qtype,
             "threads": threads, "one_shot_s": round(one_m.seconds, 2), "two_step_s": round(two_m.seconds, 2),
             "one_shot_over_two_step": round(ratio, 3), "target_ratio": 0.75,
-            "one_shot_peak_rss_mb": round(one_m.max_rss / 1e6, 1), "two_step_peak_rss_mb": round(two_m.max_rss / 1e6, 1),
+            "one_shot_peak_rss_mb": round(one_m.max_rss / 1e6, 1),
+            "two_step_peak_rss_mb": round(two_m.max_rss / 1e6, 1),
             "target_rss_mb": 1000, "byte_identical": identical,
             "ok": identical and ratio <= 0.75 and one_m.max_rss <= 1e9}
 
@@ -355,7 +360,8 @@ def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
     try:
         plain, shared = mnt / "plain.gguf", mnt / "shared.gguf"
         cmds = {"plain": (plain, [sys.executable, "-c", PLAIN_UPSCALE, str(src), "overlap-halves", str(plain)]),
-                "shared": (shared, cli("upscale", src, "--preset", "overlap-halves", "-o", shared, "-q", "--no-model-card"))}
+                "shared": (shared, cli("upscale", src, "--preset", "overlap-halves", "-o", shared, "-q",
+                                       "--no-model-card"))}
         rows: dict[str, dict] = {}
         for order in (("plain", "shared"), ("shared", "plain")):  # alternate; keep each one's fastest run
             for label in order:
@@ -394,7 +400,8 @@ def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
         (work / "reflink.img").unlink(missing_ok=True)
 
 
-BENCHES = {"upscale": bench_upscale, "quantize": bench_quantize, "run": bench_run, "reflink": bench_reflink}
+BENCHES: dict[str, Callable[..., dict]] = {"upscale": bench_upscale, "quantize": bench_quantize, "run": bench_run,
+                                           "reflink": bench_reflink}
 
 
 def main() -> int:

@@ -132,11 +132,14 @@ def _command_r_qk_norm(arch: str, models: Mapping[str, SourceModel], layers: Seq
     for i, (name, j) in enumerate(layers):
         has = "attn_q_norm.weight" in models[name].blocks.get(j, {})
         if has != (out_n >= 64):
-            what = ("has attn_q_norm/attn_k_norm (Command R+), which llama.cpp only loads in models of 64 or more layers"
+            what = ("has attn_q_norm/attn_k_norm (Command R+), which llama.cpp only loads in models of 64 or more "
+                    "layers"
                     if has else
-                    "has no attn_q_norm/attn_k_norm, which llama.cpp requires in every layer of a model of 64 or more layers")
+                    "has no attn_q_norm/attn_k_norm, which llama.cpp requires in every layer of a model of 64 or more "
+                    "layers")
             raise RecipeError(f"command-r: source layer {j} of {name!r} {what}; the output has {out_n} layers "
-                              f"(output layer {i}); keep the output {'at 64 layers or more' if has else 'below 64 layers'}")
+                              f"(output layer {i}); keep the output "
+                              f"{'at 64 layers or more' if has else 'below 64 layers'}")
 
 
 def _fixed_kinds(rule: str, kind: Callable[[int, int], Any], kind_names: tuple[str, str]) -> LayoutCheck:

@@ -33,13 +33,17 @@ STATE = {"debug": False}
 SourceArg = typer.Argument(None, metavar="[SOURCE]",
                            help="Source GGUF: a file, any shard of a split set, or a folder holding one model.")
 SlicesOpt = typer.Option(None, "--slices", help="Half-open layer ranges of SOURCE, e.g. 0:40,20:60,40:80.")
-ConfigOpt = typer.Option(None, "--config", help="A mergekit YAML recipe (passthrough, or linear with one non-zero source per slice).")
-PresetOpt = typer.Option(None, "--preset", help="overlap-halves | solar[:drop=M] | llama-pro[:every=K]; sized to SOURCE's depth.")
+ConfigOpt = typer.Option(None, "--config", help="A mergekit YAML recipe (passthrough, or linear with one non-zero "
+                                                "source per slice).")
+PresetOpt = typer.Option(None, "--preset", help="overlap-halves | solar[:drop=M] | llama-pro[:every=K]; sized to "
+                                                "SOURCE's depth.")
 ModelOpt = typer.Option(None, "--model", help="NAME=PATH for a model named in the --config recipe (repeatable).")
 CardOpt = typer.Option(True, "--model-card/--no-model-card",
-                       help="Write a hub-style model card (lineage, recipe, license, files, smoke figures) beside the output.")
+                       help="Write a hub-style model card (lineage, recipe, license, files, smoke figures) beside the "
+                            "output.")
 CardPathOpt = typer.Option(None, "--model-card-path",
-                           help="Where the model card goes (default: OUTPUT's name with .md; a folder means FOLDER/README.md).")
+                           help="Where the model card goes (default: OUTPUT's name with .md; a folder means "
+                                "FOLDER/README.md).")
 
 
 def _echo_err(msg: str) -> None:
@@ -143,7 +147,7 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
     typer.echo("")
     scaled = sum(1 for l in p.layers if l.scales)
     typer.echo(f"output: {p.block_count} layers ({scaled} with scaled tensors), {human_count(n_params)} parameters, "
-               f"size label {out.kv('general.size_label').value}")
+               f"size label {getattr(out.kv('general.size_label'), 'value', None)}")
     typer.echo(f"size with the source's tensor types: {human_bytes(out.n_bytes)}")
     typer.echo("size as llama.cpp would quantize it, and RAM to run it (weights + F16 KV cache at "
                f"{stats.to_dict()['context_for_ram']} tokens + ~{human_bytes(COMPUTE_OVERHEAD)} compute buffers):")
@@ -163,7 +167,8 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
             preset: Optional[str] = PresetOpt, model: Optional[list[str]] = ModelOpt,
             output: Path = typer.Option(..., "-o", "--output", help="Output GGUF path."),
             split_max_size: Optional[str] = typer.Option(None, "--split-max-size",
-                                                         help="Split output into shards of at most this size (K/M/G, decimal)."),
+                                                         help="Split output into shards of at most this size (K/M/G, "
+                                                              "decimal)."),
             name: Optional[str] = typer.Option(None, "--name", help="general.name of the output."),
             force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and its model card)."),
             model_card: bool = CardOpt, model_card_path: Optional[Path] = CardPathOpt,
@@ -179,7 +184,8 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
         paths = writer.write(emitter, BarProgress("upscaling"))
     if not quiet:
         ops = type_counts([t.op for t in out.tensors])
-        typer.echo(f"wrote {p.block_count} layers, {len(out.tensors)} tensors ({', '.join(f'{v} {k}' for k, v in ops.items())}), "
+        typer.echo(f"wrote {p.block_count} layers, {len(out.tensors)} tensors "
+                   f"({', '.join(f'{v} {k}' for k, v in ops.items())}), "
                    f"{human_bytes(out.n_bytes)}")
         for pth in paths:
             typer.echo(f"  {pth}")
@@ -217,9 +223,12 @@ def _quant_summary(stats, model_in_bytes: int, paths: list[Path], qtype_name: st
 def quantize(input: str = typer.Argument(..., metavar="IN.gguf", help="A GGUF file or any shard of a set."),
              output: Path = typer.Option(..., "-o", "--output", help="Output GGUF path."),
              type_: str = typer.Option("Q4_K_M", "--type", help="llama-quantize type name (case-insensitive)."),
-             imatrix: Optional[str] = typer.Option(None, "--imatrix", help="Importance matrix (legacy .dat or GGUF) matching IN's tensor names."),
+             imatrix: Optional[str] = typer.Option(None, "--imatrix",
+                                                   help="Importance matrix (legacy .dat or GGUF) matching IN's "
+                                                        "tensor names."),
              threads: Optional[int] = ThreadsOpt,
-             split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split output into shards of at most this size (K/M/G)."),
+             split_max_size: Optional[str] = typer.Option(
+                 None, "--split-max-size", help="Split output into shards of at most this size (K/M/G)."),
              force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
              verbose: bool = VerboseOpt) -> None:
     """Re-quantize a GGUF with llama.cpp's kernels: the same types and bytes llama-quantize writes."""
@@ -255,9 +264,11 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
                                     help="target: exactly llama.cpp's types for the upscaled model; "
                                          "source: each layer keeps its source layer's types (copies identical)."),
         imatrix: Optional[list[str]] = typer.Option(None, "--imatrix",
-                                                    help="The SOURCE's importance matrix (FILE, or NAME=FILE per model); mapped to the new layers."),
+                                                    help="The SOURCE's importance matrix (FILE, or NAME=FILE per "
+                                                         "model); mapped to the new layers."),
         threads: Optional[int] = ThreadsOpt,
-        split_max_size: Optional[str] = typer.Option(None, "--split-max-size", help="Split output into shards of at most this size (K/M/G)."),
+        split_max_size: Optional[str] = typer.Option(None, "--split-max-size",
+                                                     help="Split output into shards of at most this size (K/M/G)."),
         name: Optional[str] = typer.Option(None, "--name", help="general.name of the output."),
         force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and its model card)."),
         no_smoke: bool = typer.Option(False, "--no-smoke", help="Skip the smoke test."),
@@ -321,13 +332,16 @@ def _print_smoke(rep) -> None:
 
 @command
 def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", help="A GGUF file or the first shard of a set."),
-          reference: Optional[str] = typer.Option(None, "--reference", help="Compare next-token distributions with this model (e.g. the source)."),
-          text: Optional[Path] = typer.Option(None, "--text", help="UTF-8 text file for perplexity (default: a built-in English/Japanese text)."),
+          reference: Optional[str] = typer.Option(
+              None, "--reference", help="Compare next-token distributions with this model (e.g. the source)."),
+          text: Optional[Path] = typer.Option(
+              None, "--text", help="UTF-8 text file for perplexity (default: a built-in English/Japanese text)."),
           prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for greedy generation."),
           chat: bool = typer.Option(False, "--chat", help="Send the prompt through the model's own chat template."),
           n_predict: int = typer.Option(32, "--n-predict", help="Tokens to generate."),
           ctx: int = typer.Option(512, "--ctx", help="Context window for scoring."),
-          min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Fail when top-1 agreement with --reference is lower (0..1)."),
+          min_agreement: Optional[float] = typer.Option(
+              None, "--min-agreement", help="Fail when top-1 agreement with --reference is lower (0..1)."),
           threads: Optional[int] = ThreadsOpt,
           as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
           verbose: bool = VerboseOpt) -> None:
@@ -353,7 +367,8 @@ def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", help="A GG
 
 
 @command
-def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", help="The source's imatrix (FILE, or NAME=FILE per model of the recipe)."),
+def imatrix(imatrix_file: list[str] = typer.Argument(
+                ..., metavar="IMATRIX", help="The source's imatrix (FILE, or NAME=FILE per model of the recipe)."),
             source: Optional[str] = typer.Option(None, "--source", help="The source GGUF the imatrix was computed on."),
             slices: Optional[str] = SlicesOpt, config: Optional[str] = ConfigOpt, preset: Optional[str] = PresetOpt,
             model: Optional[list[str]] = ModelOpt,
@@ -385,9 +400,14 @@ def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", hel
 
 @command
 def verify(file: str = typer.Argument(..., metavar="OUT.gguf", help="An upscaled GGUF (any shard of a set)."),
-           source: Optional[list[str]] = typer.Option(None, "--source", help="Source GGUF it was made from (repeatable; default: the recorded file names next to OUT or in the current folder)."),
-           model: Optional[list[str]] = typer.Option(None, "--model", help="NAME=PATH for a model named in the recorded recipe (repeatable)."),
-           imatrix: Optional[list[str]] = typer.Option(None, "--imatrix", help="The importance matrix the output was quantized with (FILE or NAME=FILE, as given to run)."),
+           source: Optional[list[str]] = typer.Option(
+               None, "--source", help="Source GGUF it was made from (repeatable; default: the recorded file names "
+                                      "next to OUT or in the current folder)."),
+           model: Optional[list[str]] = typer.Option(
+               None, "--model", help="NAME=PATH for a model named in the recorded recipe (repeatable)."),
+           imatrix: Optional[list[str]] = typer.Option(
+               None, "--imatrix", help="The importance matrix the output was quantized with (FILE or NAME=FILE, "
+                                       "as given to run)."),
            threads: Optional[int] = ThreadsOpt,
            as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout.")) -> None:
     """Check every tensor of an upscaled GGUF against its sources and the recipe recorded in it."""

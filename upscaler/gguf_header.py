@@ -482,7 +482,8 @@ def _value_ok(kv: RawKV, rule: str) -> bool:
     return rule == "array"
 
 
-_RULE_TEXT = {"string": "a UTF-8 string", "count": "a non-negative integer", "counts": "an array of non-negative integers",
+_RULE_TEXT = {"string": "a UTF-8 string", "count": "a non-negative integer",
+              "counts": "an array of non-negative integers",
               "count|counts": "a non-negative integer or an array of them", "strings": "an array of UTF-8 strings",
               "array": "an array"}
 

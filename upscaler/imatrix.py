@@ -317,7 +317,7 @@ def _load_gguf(cur: ByteCursor) -> ImatrixData:
         else:
             _skip_value(cur, vtype, key)
             extra[key] = bytes(cur.buf[start : cur.pos])
-    alignment = _alignment(extra, cur.path)
+    alignment = _alignment(extra, str(cur.path))
 
     infos: list[tuple[str, tuple[int, ...], int, int]] = []  # name, numpy shape, ggml type, offset
     names: set[str] = set()
@@ -419,7 +419,7 @@ def _gguf_entry_problem(e: GgufEntry) -> str | None:
 
 
 def _le_f32(arr: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(arr, dtype="<f4")).cast("B")
+    return np.ascontiguousarray(arr, dtype="<f4").data.cast("B")
 
 
 def _legacy_chunks(data: ImatrixData, where: str) -> Iterator[bytes | memoryview]:
@@ -591,11 +591,11 @@ def remap_imatrix(
         n for m in used for n in per_model[m].entries if _BLK_RE.match(n) is None
     )
     for name in non_block_names:
-        m = non_block_model.get(name) or non_block_model.get(name.split(".", 1)[0])
-        m = m or _default_non_block_model(name, first, last)
-        e = per_model[m].entries.get(name)
-        if e is not None:
-            out[name] = replace(e)
+        src = non_block_model.get(name) or non_block_model.get(name.split(".", 1)[0])
+        src = src or _default_non_block_model(name, first, last)
+        found_entry = per_model[src].entries.get(name)
+        if found_entry is not None:
+            out[name] = replace(found_entry)
 
     sources = [per_model[m] for m in used]
     if len(sources) == 1:

@@ -178,9 +178,9 @@ class _Params:
             arr = (ll.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed terminator
             for i, (name, values) in enumerate(imatrix.items()):
                 v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-                key = name.encode()
-                self._keep += [v, key]
-                arr[i].name = key
+                raw_name = name.encode()
+                self._keep += [v, raw_name]
+                arr[i].name = raw_name
                 arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
                 arr[i].size = v.size
             self._keep.append(arr)

@@ -241,7 +241,7 @@ def _license_front_matter(srcs: list[_Source]) -> tuple[dict[str, str], str]:
     """(front-matter license fields, state) with state one of known / unknown / mixed."""
     if any(s.license is None for s in srcs):
         return {"license": "unknown"}, "unknown"
-    distinct = list(dict.fromkeys(s.license for s in srcs))  # type: ignore[misc]
+    distinct = list(dict.fromkeys(s.license or "" for s in srcs))
     if len(distinct) > 1:
         return {"license": "other", "license_name": "-and-".join(_slug(x) for x in distinct)}, "mixed"
     lic = distinct[0] or ""
@@ -338,7 +338,8 @@ def _front_matter(srcs: list[_Source], fm_license: dict[str, str], license_state
     missing = [s for s in srcs if not s.repo_id]
     if missing:
         notes.append("# base_model: no Hugging Face repo id is recorded in the source GGUF for "
-                     + ", ".join(s.title for s in missing) + "; add it here (e.g. org/model) so the Hub shows the lineage")
+                     + ", ".join(s.title for s in missing) + "; add it here (e.g. org/model) so the Hub shows the "
+                                                             "lineage")
     if license_state == "unknown":
         notes.append("# license: the source GGUF records no license; check the base model's license and set it here")
     return "---\n" + body + "".join(n.replace("\n", " ") + "\n" for n in notes) + "---"
@@ -463,19 +464,19 @@ def _merge_details(srcs: list[_Source], recipe_text: str, lineage: dict[str, Any
     scales = _scales_by_layer(plan, lineage)
     by_name = {s.recipe_name: s for s in srcs}
     rows = []
-    for oa, ob, m, sa, _sb in _runs(lineage["layers"]):
+    for oa, ob, name, sa, _sb in _runs(lineage["layers"]):
         # split a run where the scaling changes, so each row has one note
         start = oa
         for i in range(oa, ob + 1):
             if i == ob or scales.get(i + 1, "") != scales.get(i, ""):
-                rows.append((start, i, m, sa + (start - oa), sa + (i - oa), scales.get(i, "")))
+                rows.append((start, i, name, sa + (start - oa), sa + (i - oa), scales.get(i, "")))
                 start = i + 1
     has_notes = any(r[5] for r in rows)
     head = "| output layers | from model | source layers | count |" + (" scaled tensors |" if has_notes else "")
     sep = "|---|---|---|---:|" + ("---|" if has_notes else "")
     out += [head, sep]
-    for oa, ob, m, sa, sb, note in rows:
-        label = by_name[m].label if m in by_name else m
+    for oa, ob, name, sa, sb, note in rows:
+        label = by_name[name].label if name in by_name else name
         row = f"| {_span(oa, ob)} | {_md(label)} | {_span(sa, sb)} | {ob - oa + 1} |"
         out.append(row + (f" {_md(note)} |" if has_notes else ""))
     return "\n".join(out)
@@ -512,7 +513,8 @@ def _smoke_section(smoke: dict[str, Any]) -> str:
     ref_name = _code(Path(str(ref)).name) if ref else "the source model"
     lines = ["## Smoke test", "",
              f"A sanity check run by {TOOL} right after writing the file, **not a benchmark**: it shows that llama.cpp "
-             "loads the model and generates with it, and how far its next-token predictions moved from the source's. Perplexity is measured on a short sample text; "
+             "loads the model and generates with it, and how far its next-token predictions moved from the source's. "
+             "Perplexity is measured on a short sample text; "
              f"KL divergence and top-1 agreement compare the next-token predictions with those of {ref_name} on "
              "the same tokens. An upscaled model is a different model and is expected to differ from its source; "
              "these figures catch a broken file, they do not measure quality.", "",
@@ -562,15 +564,18 @@ def _how_to_run(first: str, n_files: int, kv: dict[str, Any], arch: str) -> str:
     cli.append(f"llama-server -m {q} -c {n_ctx}   # OpenAI-compatible server on http://localhost:8080")
     if chat:
         py = (f"from llama_cpp import Llama\n\nllm = Llama(model_path={_pystr(first)}, n_ctx={n_ctx})\n"
-              "out = llm.create_chat_completion(messages=[{\"role\": \"user\", \"content\": \"Hello!\"}], max_tokens=256)\n"
+              "out = llm.create_chat_completion(messages=[{\"role\": \"user\", \"content\": \"Hello!\"}], "
+              "max_tokens=256)\n"
               "print(out[\"choices\"][0][\"message\"][\"content\"])")
     else:
         py = (f"from llama_cpp import Llama\n\nllm = Llama(model_path={_pystr(first)}, n_ctx={n_ctx})\n"
               "print(llm(\"Hello, \", max_tokens=256)[\"choices\"][0][\"text\"])")
     split = " (the first file; the others are loaded from the same folder)" if n_files > 1 else ""
     return "\n".join(["## How to run", "",
-                      f"With [llama.cpp](https://github.com/ggml-org/llama.cpp){split}:", "", _fence("\n".join(cli), "sh"),
-                      "", "With [llama-cpp-python](https://github.com/abetlen/llama-cpp-python):", "", _fence(py, "python")])
+                      f"With [llama.cpp](https://github.com/ggml-org/llama.cpp){split}:", "",
+                      _fence("\n".join(cli), "sh"), "",
+                      "With [llama-cpp-python](https://github.com/abetlen/llama-cpp-python):", "",
+                      _fence(py, "python")])
 
 
 def _license_section(srcs: list[_Source], state: str) -> str:

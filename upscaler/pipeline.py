@@ -130,7 +130,8 @@ def check_imatrix_coverage(out: OutputModel, qtype: QuantType, entries: dict[str
             continue
         if t.name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
             continue
-        needs = t.type in TENSOR_TYPES_NEEDING_IMATRIX or (t.type == Q.Q2_K and qtype.ftype == LlamaFileType.MOSTLY_Q2_K_S)
+        needs = t.type in TENSOR_TYPES_NEEDING_IMATRIX or (
+            t.type == Q.Q2_K and qtype.ftype == LlamaFileType.MOSTLY_Q2_K_S)
         if needs and t.name not in entries:
             hint = ("an importance matrix (--imatrix FILE)" if not entries else
                     "an importance matrix entry for it: the imatrix does not cover this tensor "

@@ -226,7 +226,8 @@ def linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> tu
                     weights.append(_as_float(w, "weight"))
                 nonzero = [k for k, w in enumerate(weights) if w != 0.0]
                 if len(nonzero) != 1:
-                    raise RecipeError(f"slice {si}: {len(nonzero)} sources have a non-zero weight for {name.split()[0]}; "
+                    raise RecipeError(f"slice {si}: {len(nonzero)} sources have a non-zero weight for "
+                                      f"{name.split()[0]}; "
                                       "only linear slices with exactly one non-zero source can be done as passthrough")
                 k = nonzero[0]
                 factor = 1.0 if recipe.normalize else weights[k]

@@ -5,7 +5,15 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from .output import OutTensor
 
@@ -17,7 +25,8 @@ class BarProgress:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
         self.label = label
         self._p: Progress | None = None
-        self._bytes = self._tensors = None
+        self._bytes: TaskID | None = None
+        self._tensors: TaskID | None = None
 
     def start(self, total_bytes: int, total_tensors: int) -> None:
         if not self.enabled:
@@ -30,7 +39,7 @@ class BarProgress:
         self._tensors = self._p.add_task("tensors", total=total_tensors)
 
     def advance(self, tensor: OutTensor, n_bytes: int) -> None:
-        if self._p is None:
+        if self._p is None or self._bytes is None or self._tensors is None:
             return
         self._p.update(self._bytes, advance=n_bytes, description=f"{self.label} {tensor.name}")
         self._p.update(self._tensors, advance=1)

@@ -19,6 +19,7 @@ from typing import Callable, Literal
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as T
+from gguf import Keys
 
 from . import ggml
 from .errors import QuantizeError
@@ -68,8 +69,9 @@ def assign_types(out: OutputModel, qtype: QuantType, *, imatrix_kvs: list[KV] | 
         typ = Q(types[name])
         tensors.append(replace(t, ggml_type=typ, n_bytes=tensor_nbytes(int(typ), t.shape)))
     # llama.cpp copies the metadata, then *re-sets* these keys, which moves them to the end
-    kvs = [kv for kv in out.kvs if kv.key not in ("general.quantization_version", "general.file_type")]
-    kvs += [KV("general.quantization_version", GGML_QNT_VERSION, T.UINT32), KV("general.file_type", qtype.ftype, T.UINT32)]
+    kvs = [kv for kv in out.kvs if kv.key not in (Keys.General.QUANTIZATION_VERSION, Keys.General.FILE_TYPE)]
+    kvs += [KV(Keys.General.QUANTIZATION_VERSION, GGML_QNT_VERSION, T.UINT32),
+            KV(Keys.General.FILE_TYPE, qtype.ftype, T.UINT32)]
     for kv in imatrix_kvs or []:
         kvs = [k for k in kvs if k.key != kv.key] + [kv]
     return replace(out, tensors=tensors, kvs=kvs)

@@ -216,7 +216,7 @@ def _check_shape(text: str) -> None:
             depth += 1
             if depth > MAX_YAML_DEPTH:
                 raise RecipeError(f"recipe YAML nests more than {MAX_YAML_DEPTH} levels deep "
-                                  f"(line {ev.start_mark.line + 1})")
+                                  f"(line {ev.start_mark.line + 1 if ev.start_mark else '?'})")
         elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             depth -= 1
         if events > MAX_YAML_EVENTS:
@@ -317,7 +317,8 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
     if cfg.models is not None:
         # `models:` form: passthrough of whole models. mergekit allows exactly one model here.
         if len(cfg.models) != 1:
-            raise RecipeError(f"{origin}: a `models:` recipe takes exactly one model for {method}, got {len(cfg.models)}; "
+            raise RecipeError(f"{origin}: a `models:` recipe takes exactly one model for {method}, got "
+                              f"{len(cfg.models)}; "
                               "use slices to stack models")
         m = cfg.models[0]
         # layer range filled in by the plan from the model's block count
@@ -339,7 +340,8 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
                 raise RecipeError(f"{origin}: slice {i} ({src.model}) layer_range [{a}, {b}] is {kind}; "
                                   "ranges are half-open [start, end) with end > start")
         if method == "passthrough" and len(s.sources) != 1:
-            raise RecipeError(f"{origin}: slice {i} has {len(s.sources)} sources; passthrough takes exactly one per slice")
+            raise RecipeError(f"{origin}: slice {i} has {len(s.sources)} sources; passthrough takes exactly one per "
+                              "slice")
         if method == "linear":
             lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
             if len(lens) != 1:

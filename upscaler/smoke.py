@@ -406,6 +406,7 @@ class _Kept:
     def allocate(cls, n_rows: int, n_vocab: int) -> _Kept:
         nbytes = n_rows * n_vocab * 4
         f = None
+        logits: np.ndarray
         if nbytes > _RAM_BUDGET:
             f = tempfile.TemporaryFile(prefix="gguf-upscale-smoke-")
             logits = np.memmap(f, dtype=np.float32, mode="w+", shape=(n_rows, n_vocab))

@@ -92,7 +92,7 @@ def resolve_model_path(ref: str | Path) -> Path:
     if p.is_dir():
         # a shard set counts once, by its first shard
         candidates = sorted(q for q in p.glob("*.gguf")
-                            if not SHARD_RE.match(q.name) or SHARD_RE.match(q.name).group("no") == "00001")
+                            if not (s := SHARD_RE.match(q.name)) or s.group("no") == "00001")
         if len(candidates) != 1:
             raise SourceError(f"{p}: folder must hold exactly one GGUF model, found {len(candidates)}")
         p = candidates[0]

@@ -57,10 +57,12 @@ from .verify_metadata import (
 )
 from .verify_output import OutFile, check_padding, open_output
 from .verify_replay import recipe_layers
-from .verify_report import VerifyReport
+from .verify_report import VerifyReport, format_report
 from .verify_sources import check_source_fits, resolve_sources
 from .verify_stream import Consumer, Feed, Producer
 from .verify_tensors import DataChecker, Expect, describe, zero_row_candidates
+
+__all__ = ["VerifyReport", "format_report", "verify_file"]
 
 # ggml's quantizers for these ignore an importance matrix: recomputable without it
 IMATRIX_IGNORED = (Q.F32, Q.F16, Q.BF16, Q.Q8_0)
@@ -155,9 +157,9 @@ def _with_sources(out: OutFile, lin: Lineage, recipe: Recipe, src_models: dict[s
     misshaped = [n for n in shared if exp_by_name[n].shape != out.tensors[n].shape]
     if misshaped and len(misshaped) * 2 >= len(shared):
         n = misshaped[0]
-        e = exp_by_name[n]
-        raise SourceError(f"source for model {plan.model_of(n)!r} ({e.source.path.name}) does not match the "
-                          f"output: {n} is {list(e.shape)} from it, {list(out.tensors[n].shape)} in the output "
+        wrong = exp_by_name[n]
+        raise SourceError(f"source for model {plan.model_of(n)!r} ({wrong.source.path.name}) does not match the "
+                          f"output: {n} is {list(wrong.shape)} from it, {list(out.tensors[n].shape)} in the output "
                           "(wrong --source?)")
     for n in misshaped:
         report.problem(f"{n}: shape {list(out.tensors[n].shape)}, expected {list(exp_by_name[n].shape)}")
@@ -190,17 +192,19 @@ def _with_sources(out: OutFile, lin: Lineage, recipe: Recipe, src_models: dict[s
 
     expects: dict[str, Expect] = {}
     for name, t in out.tensors.items():
-        e = exp_by_name.get(name)
-        if e is None or e.shape != t.shape:
+        exp_t = exp_by_name.get(name)
+        if exp_t is None or exp_t.shape != t.shape:
             continue
-        typed = replace(e, ggml_type=t.ggml_type, n_bytes=t.n_bytes)
-        op, desc = describe(e, plan.model_of(name), t.ggml_type)
+        typed = replace(exp_t, ggml_type=t.ggml_type, n_bytes=t.n_bytes)
+        op, desc = describe(exp_t, plan.model_of(name), t.ggml_type)
         key = typed.content_key
         cands: list[tuple[tuple, Producer]] = []
-        if t.ggml_type == e.source.ggml_type:
+        if t.ggml_type == exp_t.source.ggml_type:
             # what `upscale` writes (copy, zero bytes, scaled_rows)
-            cands.append((("emit",) + key, lambda c, tt=typed: emit(tt, reader, Feed(c))))
-        if t.ggml_type != e.source.ggml_type or e.factor != 1.0:
+            def copy(c: Consumer, tt: OutTensor = typed) -> None:
+                emit(tt, reader, Feed(c))
+            cands.append((("emit",) + key, copy))
+        if t.ggml_type != exp_t.source.ggml_type or exp_t.factor != 1.0:
             # what `run`/`quantize` write: dequantize -> scale -> quantize with ggml's kernels
             def quant(c: Consumer, tt: OutTensor = typed) -> None:
                 for piece in emitter.quantized_chunks(tt):
@@ -210,7 +214,7 @@ def _with_sources(out: OutFile, lin: Lineage, recipe: Recipe, src_models: dict[s
         if unknown_im and cands[-1][0][0] == "quant" and t.ggml_type not in IMATRIX_IGNORED:
             # quantized with an importance matrix we do not have: a mismatch cannot be told apart
             exact = False
-            if e.factor == 0.0:
+            if exp_t.factor == 0.0:
                 cands += zero_row_candidates(t, True)
         expects[name] = Expect(desc, op, cands, group=key, exact=exact)
     if unknown_im:
@@ -235,6 +239,7 @@ def _without_sources(out: OutFile, lin: Lineage, recipe: Recipe | None, n_layers
     expects: dict[str, Expect] = {}
     for name, t in out.tensors.items():
         m = BLOCK_RE.match(name)
+        factor: float | None
         if m is None:
             factor = global_scales.get(name, 1.0)
             group = None

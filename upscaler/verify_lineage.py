@@ -62,7 +62,8 @@ def recorded_recipe(lin: Lineage) -> Recipe:
     if isinstance(doc, dict) and isinstance(doc.get("slices"), list):
         for s in doc["slices"]:
             for src in (s.get("sources") or []) if isinstance(s, dict) else []:
-                if isinstance(src, dict) and list(src.get("layer_range") or []) == [0, -1] and src.get("model") in counts:
+                whole = isinstance(src, dict) and list(src.get("layer_range") or []) == [0, -1]
+                if whole and src.get("model") in counts:
                     src["layer_range"] = [0, counts[src["model"]]]
     if not isinstance(doc, dict):
         raise RecipeError(f"{K_RECIPE} is not a recipe mapping")

@@ -181,8 +181,9 @@ def compare_kvs(expected: list[KV], out: OutFile, quantized: bool, lin: Lineage,
                    if not _same_kv(KV(key, x, a.sub_type or a.vtype), KV(key, y, e.sub_type or e.vtype))]
             i = bad[0] if bad else 0
             where = ""
-            if key in per_layer and lin.layer(i) is not None:
-                where = f" (output layer {i} is layer {lin.layer(i)[1]} of {lin.layer(i)[0]!r})"
+            src = lin.layer(i) if key in per_layer else None
+            if src is not None:
+                where = f" (output layer {i} is layer {src[1]} of {src[0]!r})"
             report.problem(f"metadata {key}[{i}] is {_short(a.value[i])}, expected {_short(e.value[i])}{where}"
                            + (f"; {len(bad) - 1} more entries differ" if len(bad) > 1 else ""))
         else:

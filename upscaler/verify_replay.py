@@ -6,12 +6,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import cast
 
 from .errors import RecipeError
 from .metadata import K_MODELS, K_RECIPE
 from .plan import OutputLayer, Plan, fill_global_scales, linear_choice, scales_for
 from .recipe import Recipe
-from .source import BLOCK_RE
+from .source import BLOCK_RE, SourceModel
 from .verify_lineage import Lineage
 from .verify_output import OutFile
 
@@ -55,27 +56,30 @@ def recipe_layers(recipe: Recipe, lin: Lineage, out: OutFile) -> tuple[list[Outp
             blocks[src[0]].setdefault(src[1], by_layer[i])
     counts = dict(zip(lin.names, lin.block_counts))
     arch = out.arch or ""
-    models = {n: _RecordedModel(n, arch, counts.get(n, 0), blocks[n], non_block) for n in lin.names}
+    # recorded models stand in for SourceModels: the plan's rules read only arch, block_count,
+    # blocks and non_block_tensors
+    models = cast(dict[str, SourceModel],
+                  {n: _RecordedModel(n, arch, counts.get(n, 0), blocks[n], non_block) for n in lin.names})
     for name in recipe.model_names():
         if name not in models:
             raise RecipeError(f"{K_RECIPE} names model {name!r}, which {K_MODELS} does not list")
     layers: list[OutputLayer] = []
     for si, s in enumerate(recipe.slices):
         src_idx, wf = (0, 1.0) if recipe.method == "passthrough" else linear_choice(recipe, si, models)
-        src = s.sources[src_idx]
-        a, b = src.layer_range
+        chosen = s.sources[src_idx]
+        a, b = chosen.layer_range
         for layer in range(a, b):
-            tensors = models[src.model].blocks.get(layer)
+            tensors = models[chosen.model].blocks.get(layer)
             if not tensors:
-                raise RecipeError(f"{K_RECIPE} puts layer {layer} of {src.model!r} at output layer {len(layers)}, "
+                raise RecipeError(f"{K_RECIPE} puts layer {layer} of {chosen.model!r} at output layer {len(layers)}, "
                                   "but no output layer is recorded as its copy")
-            t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
-            layers.append(OutputLayer(len(layers), src.model, layer, si,
-                                      scales_for(recipe, si, src_idx, tensors, layer, t, wf, arch)))
+            pos = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
+            layers.append(OutputLayer(len(layers), chosen.model, layer, si,
+                                      scales_for(recipe, si, src_idx, tensors, layer, pos, wf, arch)))
     if not layers:
         raise RecipeError(f"{K_RECIPE} produces no layers")
     plan = Plan(recipe=recipe, arch=arch, models={}, layers=layers,
                 embed_model=layers[0].model if recipe.method == "linear" else recipe.slices[0].sources[0].model,
                 head_model=layers[-1].model if recipe.method == "linear" else recipe.slices[-1].sources[0].model)
-    fill_global_scales(plan, models)  # type: ignore[arg-type]
+    fill_global_scales(plan, models)
     return layers, plan.global_scales

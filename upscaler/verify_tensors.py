@@ -208,7 +208,8 @@ def describe(e: OutTensor, model: str, typ: Q) -> tuple[str, str]:
     if e.factor == 0.0:
         return "zero", "zero (scale 0)" + (f", as {typ.name}" if requant else "")
     if e.factor != 1.0:
-        return ("quantize" if requant else "scale"), f"{src} x {e.factor:g}" + (f", quantized to {typ.name}" if requant else "")
+        return (("quantize" if requant else "scale"),
+                f"{src} x {e.factor:g}" + (f", quantized to {typ.name}" if requant else ""))
     if requant:
         return "quantize", f"{src} quantized to {typ.name}"
     return "copy", f"copy of {src}"

@@ -316,7 +316,7 @@ def clean_stale_temp(dest: Path) -> list[Path]:
 
     A folder whose journal says its commit had begun is committed first (its output was
     complete); any other is removed. Folders of running writes are locked and left alone."""
-    removed = []
+    removed: list[Path] = []
     prefix = f".{dest.name}{TMP_MARK}"
     try:
         entries = list(dest.parent.iterdir())
@@ -522,12 +522,15 @@ class GGUFOutput:
                 pass  # cleaned up below, then the signal is delivered
             except OSError as e:
                 if self._commit_started:
-                    raise OutputError(f"{self.dest}: could not move the finished output into place ({e.strerror or e}); "
-                                      f"it is kept in {tmpdir} and the next write to {self.dest.name} completes it") from None
+                    raise OutputError(f"{self.dest}: could not move the finished output into place "
+                                      f"({e.strerror or e}); "
+                                      f"it is kept in {tmpdir} and the next write to {self.dest.name} completes "
+                                      "it") from None
                 if e.errno == errno.ENOSPC:
                     raise OutputError(f"{self.dest.parent}: disk full while writing; nothing was left behind") from None
                 if e.errno == errno.EFBIG:
-                    raise OutputError(f"{self.dest}: file size limit reached while writing; nothing was left behind") from None
+                    raise OutputError(f"{self.dest}: file size limit reached while writing; nothing was left "
+                                      "behind") from None
                 raise OutputError(f"{self.dest}: write failed ({e.strerror or e})") from None
             finally:
                 progress.finish()
