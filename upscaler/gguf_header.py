@@ -103,12 +103,12 @@ class ByteCursor:
     imatrix file): every claimed length is checked against the bytes left, and against `limit`,
     before anything is read or allocated. Errors are `error`s naming the file."""
 
-    def __init__(self, buf: mmap.mmap | bytes, path: Path | str, *, limit: int = MAX_HEADER_BYTES,
+    def __init__(self, buf: mmap.mmap | bytes, path: Path | str, *, limit: int | None = None,
                  error: type[UpscaleError] = SourceError, noun: str = " header") -> None:
         self.buf = buf
         self.pos = 0
         self.size = len(buf)
-        self.limit = min(self.size, limit)  # no read goes past this
+        self.limit = min(self.size, MAX_HEADER_BYTES if limit is None else limit)  # no read goes past this
         self.items = 0  # array items read so far
         self.path = path
         self.error = error
