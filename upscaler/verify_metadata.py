@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 from gguf import GGUFValueType as T
+from gguf import Keys
 
 from . import archs
 from .metadata import K_FILES, K_LAYER_INDEX, K_LAYER_MODEL, K_MODELS, K_RECIPE, K_SOURCE_BLOCKS, K_VERSION
@@ -20,7 +21,7 @@ from .verify_report import VerifyReport
 from .writer import PAD_KEY  # the writer's filler that aligns a shard's data
 
 IMATRIX_PREFIX = "quantize.imatrix."
-QUANTIZER_KEYS = ("general.quantization_version", "general.file_type")
+QUANTIZER_KEYS = (Keys.General.QUANTIZATION_VERSION, Keys.General.FILE_TYPE)
 
 
 # --------------------------------------------------------------------------- metadata checks
