@@ -5,18 +5,21 @@ Every test in the project builds its fixtures here, so the files imitate what
 their GGUF value types, a SentencePiece vocab with byte fallback) while staying
 a few MB in size.
 
-Architectures are described by a table (:data:`ARCHS`): per-layer tensors with
-shape rules plus the hparams llama.cpp requires. ``llama`` mirrors convert's
-output exactly; qwen2, qwen3, gemma2, gemma3, phi3, command-r, granite, cohere2, mistral3 and smollm3 carry
-the tensors and keys their llama.cpp loaders need (all load and run). Adding an
-architecture means adding an :class:`ArchSpec` entry and a load test.
+Architectures are described by ONE table (:data:`ARCHS`): per layer, the GGUF
+tensor kinds (checked against gguf-py's own ``MODEL_TENSORS[arch]``, so a kind
+llama.cpp does not know for that architecture fails at import), shape rules
+(:data:`_SHAPES`, per-arch overrides) and the hparams llama.cpp requires, as
+plain values or rules of the dimensions. ``llama`` mirrors convert's output
+exactly; every other entry carries the tensors and keys its llama.cpp loader
+needs (all load and run). Adding an architecture means adding an
+:class:`ArchSpec` entry: tests/test_archs.py then covers it.
 """
 
 from __future__ import annotations
 
 import itertools
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
@@ -29,6 +32,7 @@ from gguf import (
     LlamaFileType,
     TokenType,
 )
+from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES
 from gguf.quants import quantize
 from gguf.utility import size_label
 
@@ -93,10 +97,22 @@ class Dims:
     n_head_kv: int
     n_vocab: int
     n_embd_head: int = 0  # 0: n_embd // n_head (else written as attention.key_length/value_length)
+    n_expert: int = 0  # experts per layer for architectures that list ffn_*_exps tensors themselves
+    # per-layer values (DeciLM / Nemotron-NAS): one entry per layer, written as arrays
+    head_counts: tuple[int, ...] = ()
+    head_counts_kv: tuple[int, ...] = ()
+    ff_lengths: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
         return self.n_embd_head or self.n_embd // self.n_head
+
+    def layer(self, il: int) -> Dims:
+        """These dimensions as layer ``il`` sees them (per-layer head counts and FFN widths)."""
+        return replace(self,
+                       n_head=self.head_counts[il] if self.head_counts else self.n_head,
+                       n_head_kv=self.head_counts_kv[il] if self.head_counts_kv else self.n_head_kv,
+                       n_ff=self.ff_lengths[il] if self.ff_lengths else self.n_ff)
 
 
 ShapeFn = Callable[[Dims], tuple[int, ...]]
@@ -124,6 +140,36 @@ _SHAPES: dict[str, ShapeFn] = {
     "ffn_gate.weight": lambda d: (d.n_ff, d.n_embd),
     "ffn_up.weight": lambda d: (d.n_ff, d.n_embd),
     "ffn_down.weight": lambda d: (d.n_embd, d.n_ff),
+    # LayerNorm biases, projection biases (falcon, starcoder2, phimoe, gpt-oss, ...)
+    "attn_norm.bias": lambda d: (d.n_embd,),
+    "attn_norm_2.weight": lambda d: (d.n_embd,),
+    "attn_output_norm.weight": lambda d: (d.n_embd,),
+    "attn_norm_2.bias": lambda d: (d.n_embd,),
+    "ffn_norm.bias": lambda d: (d.n_embd,),
+    "output_norm.bias": lambda d: (d.n_embd,),
+    "output.bias": lambda d: (d.n_vocab,),
+    "attn_qkv.bias": lambda d: ((d.n_head + 2 * d.n_head_kv) * d.head_dim,),
+    "attn_output.bias": lambda d: (d.n_embd,),
+    "ffn_up.bias": lambda d: (d.n_ff,),
+    "ffn_gate.bias": lambda d: (d.n_ff,),
+    "ffn_down.bias": lambda d: (d.n_embd,),
+    "attn_sinks.weight": lambda d: (d.n_head,),
+    "position_embd.weight": lambda d: (CONTEXT_LENGTH, d.n_embd),  # learned absolute positions (GPT-2)
+    "token_embd_norm.weight": lambda d: (d.n_embd,),
+    "token_embd_norm.bias": lambda d: (d.n_embd,),
+    # experts listed by the architecture itself (Dims.n_expert), router, shared expert
+    "ffn_gate_inp.weight": lambda d: (d.n_expert, d.n_embd),
+    "ffn_gate_inp.bias": lambda d: (d.n_expert,),
+    "ffn_gate_exps.weight": lambda d: (d.n_expert, d.n_ff, d.n_embd),
+    "ffn_up_exps.weight": lambda d: (d.n_expert, d.n_ff, d.n_embd),
+    "ffn_down_exps.weight": lambda d: (d.n_expert, d.n_embd, d.n_ff),
+    "ffn_gate_exps.bias": lambda d: (d.n_expert, d.n_ff),
+    "ffn_up_exps.bias": lambda d: (d.n_expert, d.n_ff),
+    "ffn_down_exps.bias": lambda d: (d.n_expert, d.n_embd),
+    "ffn_gate_inp_shexp.weight": lambda d: (d.n_embd,),
+    "ffn_gate_shexp.weight": lambda d: (d.n_ff, d.n_embd),
+    "ffn_up_shexp.weight": lambda d: (d.n_ff, d.n_embd),
+    "ffn_down_shexp.weight": lambda d: (d.n_embd, d.n_ff),
 }
 
 # GGUF name -> HF name as read by convert_hf_to_gguf (per-arch overrides allowed).
@@ -131,6 +177,8 @@ _HF_NAMES: dict[str, str] = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
+    "output_norm.bias": "model.norm.bias",
+    "output.bias": "lm_head.bias",
     "attn_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "attn_q_norm.weight": "self_attn.q_norm.weight",
@@ -153,29 +201,75 @@ def _no_hparams(d: Dims) -> dict[str, KV]:
     return {}
 
 
+#: Arch-specific metadata: a rule of the dimensions, or a table of key -> (value or rule, type[, sub-type]).
+HParams = Callable[[Dims], dict[str, KV]] | dict[str, tuple]
+GLOBALS = ("token_embd.weight", "output_norm.weight", "output.weight")
+
+
+def _arch_kinds(arch: str) -> set[str] | None:
+    """GGUF tensor kinds gguf-py's constants list for `arch` (blk.{bid}.X -> X), None if gguf-py has no entry."""
+    key = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+    if key is None or key not in MODEL_TENSORS:
+        return None
+    return {TENSOR_NAMES[t].replace("blk.{bid}.", "") for t in MODEL_TENSORS[key]}
+
+
 @dataclass(frozen=True)
 class ArchSpec:
-    """What one architecture needs: its per-layer tensors, tying rule and extra hparams.
+    """One row of the table: an architecture's per-layer tensors, global tensors, tying rule and hparams.
 
-    ``hparams`` returns arch-specific keys *without* the ``{arch}.`` prefix; they are
-    written after ``general.file_type`` (where convert_hf_to_gguf puts LlamaModel's).
+    ``hparams`` gives arch-specific keys *without* the ``{arch}.`` prefix, either as a function of
+    the dimensions or as a dict ``{key: (value | rule(Dims), type[, sub_type])}``; they are written
+    after ``general.file_type`` (where convert_hf_to_gguf puts LlamaModel's). ``defaults`` are
+    make_model arguments this architecture needs to load at all (e.g. olmoe's k-norm over all
+    heads wants n_head_kv == n_head); ``fixture`` are the extra make_model arguments the
+    per-architecture test (tests/test_archs.py) uses to show its layer rules (per-layer arrays,
+    enough layers for a sliding-window period).
     """
 
     name: str
     layer_suffixes: frozenset[str]
-    hparams: Callable[[Dims], dict[str, KV]] = _no_hparams
+    hparams: HParams = _no_hparams
     always_tied: bool = False  # the loader has no output.weight slot at all
     norm_eps_key: str = "attention.layer_norm_rms_epsilon"
     shapes: dict[str, ShapeFn] = field(default_factory=dict)
     hf_names: dict[str, str] = field(default_factory=dict)
     norm_gain: dict[str, float] = field(default_factory=dict)  # init scale of some norm weights
     default_experts: int = 0  # MoE-only architectures: experts when make_model is given none
+    global_tensors: tuple[str, ...] = GLOBALS
+    defaults: dict[str, Any] = field(default_factory=dict)
+    fixture: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        kinds = _arch_kinds(self.name)
+        if kinds is None:
+            return
+        globals_ = {t for t in self.global_tensors if not (self.always_tied and t.startswith("output."))}
+        layer = set(self.layer_suffixes)
+        if self.default_experts and not self.native_experts:  # make_model rewrites the dense FFN
+            layer = {_DENSE_TO_EXPERTS.get(t, t) for t in layer} | {"ffn_gate_inp.weight"}
+        unknown = sorted(s for s in layer | globals_ if s.rpartition(".")[0] not in kinds)
+        if unknown:
+            raise ValueError(f"{self.name}: gguf-py's MODEL_TENSORS has no {unknown}")
 
     def shape(self, suffix: str) -> ShapeFn:
         return self.shapes.get(suffix) or _SHAPES[suffix]
 
     def hf_name(self, suffix: str) -> str:
-        return self.hf_names.get(suffix) or _HF_NAMES[suffix]
+        return self.hf_names.get(suffix) or _HF_NAMES.get(suffix) or suffix
+
+    @property
+    def native_experts(self) -> bool:
+        """True when the layer list holds the experts itself (no dense-to-MoE rewrite by make_model)."""
+        return "ffn_gate_inp.weight" in self.layer_suffixes
+
+    def metadata(self, d: Dims) -> dict[str, KV]:
+        if callable(self.hparams):
+            return self.hparams(d)
+        out: dict[str, KV] = {}
+        for key, (value, *types) in self.hparams.items():
+            out[key] = (value(d) if callable(value) else value, types[0], types[1] if len(types) > 1 else None)
+        return out
 
     @property
     def layer_tensors(self) -> tuple[str, ...]:
@@ -183,11 +277,43 @@ class ArchSpec:
         return tuple(sorted(self.layer_suffixes, key=self.hf_name))
 
 
+_DENSE_TO_EXPERTS = {"ffn_gate.weight": "ffn_gate_exps.weight", "ffn_up.weight": "ffn_up_exps.weight",
+                     "ffn_down.weight": "ffn_down_exps.weight"}
+_QKV_KINDS = {"attn_q", "attn_k", "attn_v", "attn_qkv", "attn_q_norm", "attn_k_norm", "attn_sinks"}
+
+
+def _present(d: Dims, suffix: str) -> bool:
+    """Whether a layer with these (per-layer) dimensions has the tensor, as DeciLM's loader decides:
+    no heads -> no attention at all, heads without KV heads -> a linear map (attn_norm, attn_output),
+    FFN width 0 -> no FFN tensors."""
+    kind = suffix.rpartition(".")[0]
+    if kind.startswith("ffn_"):
+        return d.n_ff > 0
+    if kind in _QKV_KINDS:
+        return d.n_head > 0 and d.n_head_kv > 0
+    if kind.startswith("attn_"):
+        return d.n_head > 0
+    return True
+
+
 _LLAMA_LAYER = frozenset({
     "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
     "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
 })
 _QK_NORM = frozenset({"attn_q_norm.weight", "attn_k_norm.weight"})
+_ATTN = frozenset({"attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight"})
+_FFN = frozenset({"ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"})
+_NORMS = frozenset({"attn_norm.weight", "ffn_norm.weight"})
+_LN_BIAS = frozenset({"attn_norm.weight", "attn_norm.bias", "ffn_norm.weight", "ffn_norm.bias"})
+_LN_GLOBALS = ("token_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight")
+_GPT_MLP = frozenset({"ffn_up.weight", "ffn_up.bias", "ffn_down.weight", "ffn_down.bias"})
+_GPT_BLOCK = _GPT_MLP | {"attn_norm.weight", "attn_norm.bias", "attn_qkv.weight", "attn_qkv.bias", "attn_output.weight",
+                         "attn_output.bias", "ffn_norm.weight", "ffn_norm.bias"}
+_POST_NORMS = frozenset({"post_attention_norm.weight", "post_ffw_norm.weight"})
+_EXPERTS = frozenset({"ffn_gate_inp.weight", "ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"})
+_EXPERT_BIAS = frozenset({"ffn_gate_inp.bias", "ffn_gate_exps.bias", "ffn_up_exps.bias", "ffn_down_exps.bias"})
+_SHARED_EXPERT = frozenset({"ffn_gate_inp_shexp.weight", "ffn_gate_shexp.weight", "ffn_up_shexp.weight",
+                            "ffn_down_shexp.weight"})
 _QKV_BIAS = frozenset({"attn_q.bias", "attn_k.bias", "attn_v.bias"})
 _GEMMA_HF = {
     "post_attention_norm.weight": "post_attention_layernorm.weight",
@@ -237,7 +363,8 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("gemma2", _LLAMA_LAYER | {"post_attention_norm.weight", "post_ffw_norm.weight"}, _gemma2_hp,
                  always_tied=True, hf_names=_GEMMA_HF, norm_gain=_GEMMA_GAIN),
         ArchSpec("gemma3", _LLAMA_LAYER | _QK_NORM | {"post_attention_norm.weight", "post_ffw_norm.weight"},
-                 _gemma3_hp, hf_names=_GEMMA_HF, norm_gain=_GEMMA_GAIN),
+                 _gemma3_hp, hf_names=_GEMMA_HF, norm_gain=_GEMMA_GAIN,
+                 fixture={"n_layer": 6}),  # its default pattern (5 sliding, 1 full) shows
         ArchSpec("phi3",
                  frozenset({"attn_norm.weight", "attn_qkv.weight", "attn_output.weight",
                             "ffn_norm.weight", "ffn_up.weight", "ffn_down.weight"}),
@@ -252,30 +379,168 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("cohere2", _LLAMA_LAYER - {"ffn_norm.weight"}, _cohere2_hp,
                  always_tied=True, norm_eps_key="attention.layer_norm_epsilon"),
         ArchSpec("mistral3", _LLAMA_LAYER, lambda d: {"rope.dimension_count": (d.head_dim, U32, None)}),
-        ArchSpec("smollm3", _LLAMA_LAYER),  # llama.cpp: every 4th layer without RoPE (hard-coded)
+        # llama.cpp: every 4th layer without RoPE (hard-coded); 8 layers so slices 4 apart keep it in place
+        ArchSpec("smollm3", _LLAMA_LAYER, fixture={"n_layer": 8}),
         # Gemma (1): llama's layers, always tied, embeddings scaled by sqrt(n_embd), norms stored as 1 + w
         ArchSpec("gemma", _LLAMA_LAYER, _kv_len, always_tied=True,
                  norm_gain={"attn_norm.weight": GEMMA1_GAIN, "ffn_norm.weight": GEMMA1_GAIN}),
         # Qwen3 MoE: qwen3's layers, FFN replaced by a router and stacked experts (make_model n_expert > 0)
         ArchSpec("qwen3moe", _LLAMA_LAYER | _QK_NORM,
-                 lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None)}, default_experts=4),
+                 lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None)}, default_experts=4,
+                 fixture={"n_expert": 4, "n_expert_used": 2}),
+        # ---- families below: tensor kinds from llama.cpp's loaders (src/models/<arch>.cpp)
+        # OLMo (1): non-parametric LayerNorm, so no norm tensors at all, not even output_norm
+        ArchSpec("olmo", _ATTN | _FFN, global_tensors=("token_embd.weight", "output.weight"),
+                 norm_eps_key="attention.layer_norm_epsilon"),
+        # OLMo 2 / OLMo 3: norms after attention and FFN, q/k norms over all heads; OLMo 3's
+        # sliding-window layers (3 of 4, the pattern llama.cpp assumes) are in the fixture
+        ArchSpec("olmo2", _ATTN | _FFN | _POST_NORMS | _QK_NORM,
+                 shapes={"attn_q_norm.weight": lambda d: (d.n_head * d.head_dim,),
+                         "attn_k_norm.weight": lambda d: (d.n_head_kv * d.head_dim,)},
+                 hparams={"attention.sliding_window": (SLIDING_WINDOW, U32)}),
+        # StarCoder2: LayerNorms with biases, biased projections, GELU MLP (c_fc / c_proj in HF)
+        ArchSpec("starcoder2", _ATTN | _QKV_BIAS | _LN_BIAS | {"attn_output.bias", "ffn_up.weight", "ffn_up.bias",
+                                                              "ffn_down.weight", "ffn_down.bias"},
+                 global_tensors=_LN_GLOBALS, norm_eps_key="attention.layer_norm_epsilon",
+                 hf_names={"ffn_up.weight": "mlp.c_fc.weight", "ffn_up.bias": "mlp.c_fc.bias",
+                           "ffn_down.weight": "mlp.c_proj.weight", "ffn_down.bias": "mlp.c_proj.bias"}),
+        # StableLM (2): LayerNorms with biases, QKV biases, partial rotary (25 % of each head)
+        ArchSpec("stablelm", _LLAMA_LAYER | _QKV_BIAS | _LN_BIAS, global_tensors=_LN_GLOBALS,
+                 norm_eps_key="attention.layer_norm_epsilon",
+                 hparams={"rope.dimension_count": (lambda d: d.head_dim // 4, U32)}),
+        # Falcon 7B: one LayerNorm feeding attention and MLP in parallel, fused QKV, multi-query
+        ArchSpec("falcon", frozenset({"attn_norm.weight", "attn_norm.bias", "attn_qkv.weight", "attn_output.weight",
+                                      "ffn_up.weight", "ffn_down.weight"}),
+                 global_tensors=_LN_GLOBALS, norm_eps_key="attention.layer_norm_epsilon",
+                 fixture={"n_head_kv": 1},
+                 hf_names={"attn_norm.weight": "input_layernorm.weight", "attn_norm.bias": "input_layernorm.bias",
+                           "attn_qkv.weight": "self_attention.query_key_value.weight",
+                           "attn_output.weight": "self_attention.dense.weight",
+                           "ffn_up.weight": "mlp.dense_h_to_4h.weight", "ffn_down.weight": "mlp.dense_4h_to_h.weight"}),
+        ArchSpec("internlm2", _LLAMA_LAYER),  # llama-shaped (convert splits wqkv into q/k/v)
+        ArchSpec("exaone", _LLAMA_LAYER, {"rope.dimension_count": (lambda d: d.head_dim, U32)}),
+        # GLM-4 (0414): QKV biases, norms after attention and FFN, gate+up fused, half-rotary heads
+        ArchSpec("glm4", (_LLAMA_LAYER | _QKV_BIAS | _POST_NORMS) - {"ffn_gate.weight"},
+                 {"rope.dimension_count": (lambda d: d.head_dim // 2, U32)},
+                 shapes={"ffn_up.weight": lambda d: (2 * d.n_ff, d.n_embd)},
+                 hf_names={"ffn_up.weight": "mlp.gate_up_proj.weight"}),
+        # Qwen1.5/Qwen2 MoE: routed experts plus a shared expert with its own sigmoid gate
+        ArchSpec("qwen2moe", _ATTN | _QKV_BIAS | _NORMS | _EXPERTS | _SHARED_EXPERT,
+                 {"expert_feed_forward_length": (lambda d: d.n_ff, U32),
+                  "expert_shared_feed_forward_length": (lambda d: d.n_ff, U32)},
+                 default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
+        # OLMoE: q/k norms over the whole projection (so all heads are KV heads), experts in every layer
+        ArchSpec("olmoe", _ATTN | _NORMS | _EXPERTS | _QK_NORM,
+                 shapes={"attn_q_norm.weight": lambda d: (d.n_head * d.head_dim,),
+                         "attn_k_norm.weight": lambda d: (d.n_head_kv * d.head_dim,)},
+                 default_experts=4, defaults={"n_head_kv": 4}, fixture={"n_expert": 4, "n_expert_used": 2}),
+        # Granite MoE (3.0 1B-A400M, 3B-A800M): granite's scales, experts in every layer
+        ArchSpec("granitemoe", _ATTN | _NORMS | _EXPERTS,
+                 lambda d: {**_granite_hp(d), "expert_feed_forward_length": (d.n_ff, U32, None)},
+                 default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
+        # Phi-3.5-MoE: LayerNorms with biases, biased attention, output bias, Mixtral-style experts
+        ArchSpec("phimoe", _ATTN | _QKV_BIAS | _LN_BIAS | _EXPERTS | {"attn_output.bias"},
+                 global_tensors=_LN_GLOBALS + ("output.bias",),
+                 hparams={"rope.dimension_count": (lambda d: d.head_dim, U32)},
+                 default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
+        # gpt-oss: attention sinks, biased attention and experts, sliding window on every other layer
+        ArchSpec("gpt-oss", _ATTN | _QKV_BIAS | _EXPERTS | _EXPERT_BIAS
+                 | {"attn_norm.weight", "post_attention_norm.weight", "attn_output.bias", "attn_sinks.weight"},
+                 lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None),
+                            "attention.sliding_window": (SLIDING_WINDOW, U32, None)},
+                 default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
+        # ---- more plain stacks (biased GPT-style blocks, ALiBi, ReLU^2 MLPs, ...)
+        ArchSpec("phi2", _ATTN | _QKV_BIAS | _GPT_MLP | {"attn_norm.weight", "attn_norm.bias", "attn_output.bias"},
+                 {"rope.dimension_count": (lambda d: d.head_dim // 2, U32)},  # parallel attn/MLP, partial RoPE
+                 global_tensors=_LN_GLOBALS + ("output.bias",), norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("gptneox", _GPT_BLOCK, {"use_parallel_residual": (True, GGUFValueType.BOOL),
+                                         "rope.dimension_count": (lambda d: d.head_dim // 4, U32)},
+                 global_tensors=_LN_GLOBALS, norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("gpt2", _GPT_BLOCK, global_tensors=_LN_GLOBALS[:1] + ("position_embd.weight",) + _LN_GLOBALS[1:],
+                 norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("starcoder", _GPT_BLOCK,  # StarCoder 1 / SantaCoder: GPT-2 blocks with multi-query attention
+                 global_tensors=_LN_GLOBALS[:1] + ("position_embd.weight",) + _LN_GLOBALS[1:],
+                 norm_eps_key="attention.layer_norm_epsilon", fixture={"n_head_kv": 1}),
+        ArchSpec("bloom", _GPT_BLOCK,  # ALiBi, LayerNorm on the embeddings
+                 global_tensors=("token_embd.weight", "token_embd_norm.weight", "token_embd_norm.bias")
+                 + _LN_GLOBALS[1:], norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("mpt", frozenset({"attn_norm.weight", "attn_qkv.weight", "attn_output.weight", "ffn_norm.weight",
+                                   "ffn_up.weight", "ffn_down.weight"}),
+                 {"attention.max_alibi_bias": (8.0, F32)}, norm_eps_key="attention.layer_norm_epsilon"),
+        # Qwen (1): fused QKV with bias over all heads, FFN width stored doubled (the loader halves it)
+        ArchSpec("qwen", frozenset({"attn_norm.weight", "attn_qkv.weight", "attn_qkv.bias", "attn_output.weight",
+                                    "ffn_norm.weight"}) | _FFN,
+                 {"rope.dimension_count": (lambda d: d.head_dim, U32)},
+                 shapes={"ffn_gate.weight": lambda d: (d.n_ff // 2, d.n_embd),
+                         "ffn_up.weight": lambda d: (d.n_ff // 2, d.n_embd),
+                         "ffn_down.weight": lambda d: (d.n_embd, d.n_ff // 2)},
+                 defaults={"n_head_kv": 4}),
+        # Nemotron (Minitron): LayerNorm1P (stored as 1 + w) with biases, ReLU^2 MLP without gate
+        ArchSpec("nemotron", _ATTN | _LN_BIAS | {"ffn_up.weight", "ffn_down.weight"}, global_tensors=_LN_GLOBALS,
+                 norm_eps_key="attention.layer_norm_epsilon"),
+        ArchSpec("arcee", _ATTN | _NORMS | {"ffn_up.weight", "ffn_down.weight"},  # AFM: ReLU^2 MLP without gate
+                 {"rope.dimension_count": (lambda d: d.head_dim, U32)}),
+        ArchSpec("seed_oss", _ATTN | _QKV_BIAS | _FFN | {"attn_norm.weight", "post_attention_norm.weight"}, _kv_len),
+        ArchSpec("xverse", _LLAMA_LAYER),
+        ArchSpec("orion", _LLAMA_LAYER | _LN_BIAS, global_tensors=_LN_GLOBALS,
+                 norm_eps_key="attention.layer_norm_epsilon"),
+        # ChatGLM3 / GLM-4-9B (older conversions): fused QKV with bias, gate+up fused, half-rotary heads
+        ArchSpec("chatglm", _NORMS | {"attn_qkv.weight", "attn_qkv.bias", "attn_output.weight", "ffn_up.weight",
+                                      "ffn_down.weight"},
+                 {"rope.dimension_count": (lambda d: d.head_dim // 2, U32)},
+                 shapes={"ffn_up.weight": lambda d: (2 * d.n_ff, d.n_embd)}),
+        # OpenELM: per-layer query/KV head counts and FFN widths, per-head q/k norms, tied embeddings
+        ArchSpec("openelm", _NORMS | _FFN | {"attn_qkv.weight", "attn_output.weight"} | _QK_NORM, _kv_len,
+                 always_tied=True, global_tensors=("token_embd.weight", "output_norm.weight"),
+                 fixture={"n_embd_head": 64, "head_counts": [2, 4, 4, 8], "head_counts_kv": [1, 2, 4, 2],
+                          "ff_lengths": [256, 512, 768, 512]}),
+        ArchSpec("refact", _LLAMA_LAYER),  # llama-shaped with ALiBi
+        ArchSpec("codeshell", _GPT_BLOCK, norm_eps_key="attention.layer_norm_epsilon", global_tensors=_LN_GLOBALS),
+        # DBRX: fused QKV, a norm between attention and the experts (attn_output_norm), experts in every layer
+        ArchSpec("dbrx", _NORMS - {"ffn_norm.weight"} | _EXPERTS
+                 | {"attn_qkv.weight", "attn_output.weight", "attn_output_norm.weight"},
+                 {"attention.clamp_kqv": (8.0, F32)}, norm_eps_key="attention.layer_norm_epsilon",
+                 default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
+        ArchSpec("ernie4_5", _LLAMA_LAYER, {"rope.dimension_count": (lambda d: d.head_dim, U32)}),  # dense ERNIE 4.5
+        ArchSpec("hunyuan-dense", _LLAMA_LAYER | _QK_NORM, _kv_len),  # Hunyuan 0.5B-7B: per-head q/k norms
+        # Hunyuan-A13B: q/k norms, routed experts and a shared expert (no shared-expert gate)
+        ArchSpec("hunyuan-moe", _ATTN | _NORMS | _QK_NORM | _EXPERTS | (_SHARED_EXPERT - {"ffn_gate_inp_shexp.weight"}),
+                 lambda d: {**_kv_len(d), "expert_feed_forward_length": (d.n_ff, U32, None),
+                            "expert_shared_feed_forward_length": (d.n_ff, U32, None)},
+                 default_experts=4, fixture={"n_expert": 4, "n_expert_used": 2}),
+        # Qwen2-VL's language model: qwen2's layers, multimodal RoPE sections (global, 4 entries)
+        ArchSpec("qwen2vl", _LLAMA_LAYER | _QKV_BIAS,
+                 {"rope.dimension_sections": (lambda d: [d.head_dim // 8, d.head_dim * 3 // 16,
+                                                         d.head_dim * 3 // 16, 0],
+                                              GGUFValueType.ARRAY, GGUFValueType.INT32)}),
+        # JAIS: GPT-2 blocks with a SwiGLU MLP (gate with bias), ALiBi
+        ArchSpec("jais", _GPT_BLOCK | {"ffn_gate.weight", "ffn_gate.bias"}, {"attention.max_alibi_bias": (8.0, F32)},
+                 global_tensors=_LN_GLOBALS, norm_eps_key="attention.layer_norm_epsilon"),
+        # DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths; a layer may have no
+        # attention (0 heads), a linear map instead of attention (0 KV heads) or no FFN (width 0)
+        ArchSpec("deci", _LLAMA_LAYER, lambda d: {**_llama_hp(d), **_kv_len(d)},
+                 fixture={"n_layer": 6, "n_embd_head": 64, "head_counts": [4, 0, 4, 4, 4, 4],
+                          "head_counts_kv": [2, 0, 0, 1, 4, 2], "ff_lengths": [512, 256, 768, 0, 512, 256]}),
     ]
 }
 
 
 def tensor_names(
-    arch: str = "llama", n_layer: int = 4, *, tied: bool = False, order: TensorOrder = "natural"
+    arch: str = "llama", n_layer: int = 4, *, tied: bool = False, order: TensorOrder = "natural",
+    dims: Dims | None = None,
 ) -> list[str]:
     """Tensor names in file order.
 
     ``natural``: token_embd, blk.0 … blk.N-1 (numeric), output_norm, output.
     ``hf``: exactly convert_hf_to_gguf's order for a single-file checkpoint, i.e. sorted by
-    HF name (lm_head first, then layers 0, 1, 10, 11, …, 2, …).
+    HF name (lm_head first, then layers 0, 1, 10, 11, …, 2, …). ``dims`` with per-layer
+    head counts / FFN widths leaves out the tensors a layer does not have (DeciLM).
     """
     spec = ARCHS[arch]
     tied = tied or spec.always_tied
-    globals_ = ["token_embd.weight", "output_norm.weight"] + ([] if tied else ["output.weight"])
-    layers = [f"blk.{i}.{t}" for i in range(n_layer) for t in spec.layer_tensors]
+    globals_ = [t for t in spec.global_tensors if not (tied and t.startswith("output."))]
+    layers = [f"blk.{i}.{t}" for i in range(n_layer) for t in spec.layer_tensors
+              if dims is None or _present(dims.layer(i), t)]
     if order == "natural":
         return globals_[:1] + layers + globals_[1:]
     if order != "hf":
@@ -393,9 +658,9 @@ def _weight(name: str, shape: tuple[int, ...], seed: int, *, tied: bool, gain: f
     return x * np.float32(1.0 / np.sqrt(fan_in))
 
 
-def _encode(w: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+def _encode(w: np.ndarray, qtype: GGMLQuantizationType, *, bias: bool = False) -> np.ndarray:
     """F32/F16 as numpy floats; BF16/Q8_0 as raw bytes (bit-exact with ggml's reference code)."""
-    if w.ndim == 1 or qtype == GGMLQuantizationType.F32:
+    if w.ndim == 1 or qtype == GGMLQuantizationType.F32 or bias:
         return np.ascontiguousarray(w, dtype=np.float32)
     if qtype == GGMLQuantizationType.F16:
         return w.astype(np.float16)
@@ -426,6 +691,10 @@ def _coerce_kv(key: str, value: Any) -> KV:
     )
 
 
+def _per_layer(values: Sequence[int], scalar: int) -> KV:
+    return (list(values), GGUFValueType.ARRAY, GGUFValueType.INT32) if values else (scalar, U32, None)
+
+
 def _metadata(
     spec: ArchSpec, dims: Dims, *, name: str, dtype: str, n_params: int, vocab: Vocab
 ) -> dict[str, KV]:
@@ -447,15 +716,16 @@ def _metadata(
         f"{a}.block_count": (dims.n_layer, u32, None),
         f"{a}.context_length": (CONTEXT_LENGTH, u32, None),
         f"{a}.embedding_length": (dims.n_embd, u32, None),
-        f"{a}.feed_forward_length": (dims.n_ff, u32, None),
-        f"{a}.attention.head_count": (dims.n_head, u32, None),
-        f"{a}.attention.head_count_kv": (dims.n_head_kv, u32, None),
+        # per-layer values as convert writes them (add_array of Python ints: INT32 elements)
+        f"{a}.feed_forward_length": _per_layer(dims.ff_lengths, dims.n_ff),
+        f"{a}.attention.head_count": _per_layer(dims.head_counts, dims.n_head),
+        f"{a}.attention.head_count_kv": _per_layer(dims.head_counts_kv, dims.n_head_kv),
         f"{a}.rope.freq_base": (ROPE_FREQ_BASE, f32, None),
         f"{a}.{spec.norm_eps_key}": (RMS_EPS, f32, None),
         "general.file_type": (int(DTYPES[dtype][1]), u32, None),
         **({f"{a}.attention.key_length": (dims.head_dim, u32, None),
             f"{a}.attention.value_length": (dims.head_dim, u32, None)} if dims.n_embd_head else {}),
-        **{f"{a}.{k}": v for k, v in spec.hparams(dims).items()},
+        **{f"{a}.{k}": v for k, v in spec.metadata(dims).items()},
         # convert_hf_to_gguf writes this for every output type, F16 included.
         "general.quantization_version": (GGML_QUANT_VERSION, u32, None),
         "tokenizer.ggml.model": ("llama", s, None),
@@ -492,7 +762,7 @@ def make_model(
     n_embd: int = 256,
     n_ff: int = 512,
     n_head: int = 4,
-    n_head_kv: int = 2,
+    n_head_kv: int | None = None,
     n_vocab: int = 512,
     dtype: str = "F16",
     tied: bool = False,
@@ -504,6 +774,9 @@ def make_model(
     n_embd_head: int = 0,
     n_expert: int = 0,
     n_expert_used: int = 2,
+    head_counts: Sequence[int] = (),
+    head_counts_kv: Sequence[int] = (),
+    ff_lengths: Sequence[int] = (),
 ) -> Path:
     """Write a random but loadable GGUF model and return its path (first shard if split).
 
@@ -514,10 +787,20 @@ def make_model(
     single unsplit file is written. ``n_embd_head`` sets a head size other than
     n_embd / n_head (as Gemma's), written as ``attention.key_length``/``value_length``.
     ``n_expert`` > 0 replaces each layer's FFN by Mixtral-style experts (ffn_gate_inp and
-    ffn_{gate,up,down}_exps, ``expert_count``/``expert_used_count``).
+    ffn_{gate,up,down}_exps, ``expert_count``/``expert_used_count``); architectures whose
+    table entry lists experts themselves get ``n_expert`` (or their default) stacked experts.
+    ``n_head_kv`` defaults to 2 (or what the architecture needs). ``head_counts``,
+    ``head_counts_kv`` and ``ff_lengths`` give one value per layer (DeciLM), written as
+    arrays; a layer with 0 heads / 0 KV heads / FFN width 0 gets no such tensors.
     """
     if arch not in ARCHS:
         raise ValueError(f"unsupported arch {arch!r}; known: {sorted(ARCHS)}")
+    if n_head_kv is None:
+        n_head_kv = ARCHS[arch].defaults.get("n_head_kv", 2)
+    for what, values in (("head_counts", head_counts), ("head_counts_kv", head_counts_kv),
+                         ("ff_lengths", ff_lengths)):
+        if values and len(values) != n_layer:
+            raise ValueError(f"{what} needs one value per layer ({n_layer}), got {len(values)}")
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; known: {sorted(DTYPES)}")
     if (n_embd % n_head and not n_embd_head) or n_head % n_head_kv:
@@ -527,14 +810,16 @@ def make_model(
     spec = ARCHS[arch]
     tied = tied or spec.always_tied
     n_expert = n_expert or spec.default_experts
-    dims = Dims(n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab, n_embd_head)
+    dims = Dims(n_layer, n_embd, n_ff, n_head, n_head_kv, n_vocab, n_embd_head,
+                n_expert if spec.native_experts else 0, tuple(head_counts), tuple(head_counts_kv), tuple(ff_lengths))
     qtype = DTYPES[dtype][0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    names = tensor_names(arch, n_layer, tied=tied, order=tensor_order)
-    shapes = {n: spec.shape(_suffix(n))(dims) for n in names}
-    if n_expert:
+    names = tensor_names(arch, n_layer, tied=tied, order=tensor_order, dims=dims)
+    shapes = {n: spec.shape(_suffix(n))(dims.layer(int(n.split(".")[1])) if n.startswith("blk.") else dims)
+              for n in names}
+    if n_expert and not spec.native_experts:
         names, shapes = _moe_layers(names, shapes, dims, n_expert)
     n_params = sum(int(np.prod(s)) for s in shapes.values())
 
@@ -554,7 +839,8 @@ def make_model(
             writer.add_key_value(key, value, vtype, sub_type)
         for tname in names:
             gain = spec.norm_gain.get(_suffix(tname), 1.0)
-            data = _encode(_weight(tname, shapes[tname], seed, tied=tied, gain=gain), qtype)
+            data = _encode(_weight(tname, shapes[tname], seed, tied=tied, gain=gain), qtype,
+                           bias=tname.endswith(".bias"))
             raw = qtype if data.dtype == np.uint8 else None
             writer.add_tensor(tname, data, raw_dtype=raw)
         n_shards = len(writer.tensors)
@@ -569,8 +855,7 @@ def make_model(
 def _moe_layers(names: list[str], shapes: dict[str, tuple[int, ...]], dims: Dims,
                 n_expert: int) -> tuple[list[str], dict[str, tuple[int, ...]]]:
     """Dense FFN tensors -> router + stacked experts (numpy shapes: experts first)."""
-    moe = {"ffn_gate.weight": "ffn_gate_exps.weight", "ffn_up.weight": "ffn_up_exps.weight",
-           "ffn_down.weight": "ffn_down_exps.weight"}
+    moe = _DENSE_TO_EXPERTS
     out_names: list[str] = []
     out_shapes: dict[str, tuple[int, ...]] = {}
     for n in names:

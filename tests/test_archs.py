@@ -15,20 +15,22 @@ from gguf import GGUFValueType, GGUFWriter
 from typer.testing import CliRunner
 
 from helpers import assert_one_line_error, cli, metadata, tensor_bytes
-from modelfactory import SLIDING_WINDOW, eval_logits, load_llama, make_model
+from modelfactory import ARCHS, SLIDING_WINDOW, eval_logits, load_llama, make_model
 from upscaler import archs
 from upscaler.source import SourceModel
 
 BOOL, U32 = GGUFValueType.BOOL, GGUFValueType.UINT32
 TEXT = b"the cat and the dog " * 20  # ~100 tokens: well past the fixtures' 32-token sliding window
 
-# arch -> (n_layer, extra make_model kwargs). gemma3 gets 6 layers so its default pattern (5 sliding,
-# 1 full) shows; smollm3 8 so slices 4 apart keep its every-4th no-RoPE layers in place.
+# arch -> (n_layer, extra make_model kwargs), from the one fixture table (modelfactory.ARCHS): every
+# row is a supported architecture and every supported architecture has a row. Small widths (n_embd
+# 256, 512-token vocab), 4 layers unless a rule needs more (gemma3's period of 6, smollm3's every
+# 4th layer, deci's per-layer kinds).
 FIXTURES: dict[str, tuple[int, dict[str, Any]]] = {
-    "llama": (4, {}), "qwen2": (4, {}), "qwen3": (4, {}), "gemma2": (4, {}), "gemma3": (6, {}),
-    "phi3": (4, {}), "command-r": (4, {}), "granite": (4, {}), "cohere2": (4, {}), "mistral3": (4, {}),
-    "smollm3": (8, {}), "qwen3moe": (4, {"n_expert": 4, "n_expert_used": 2}), "gemma": (4, {}),
+    name: (spec.fixture.get("n_layer", 4), {k: v for k, v in spec.fixture.items() if k != "n_layer"})
+    for name, spec in ARCHS.items()
 }
+PER_LAYER = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
 
 # Every architecture name in the vendored llama.cpp's src/llama-arch.cpp (llama-cpp-python 0.3.36).
 LLAMA_CPP_ARCHS = """
@@ -149,6 +151,9 @@ def test_supported_arch_upscales_and_loads(arch: str, model_dir: Path, tmp_path:
     assert md["upscale.layer_source_index"] == layer_map
     if src_kinds is not None:
         assert md[f"{arch}.attention.sliding_window_pattern"] == [src_kinds[j] for j in layer_map]
+    src_md = metadata(src)
+    for key in (f"{arch}.{k}" for k in PER_LAYER if isinstance(src_md[f"{arch}.{k}"], list)):
+        assert md[key] == [src_md[key][j] for j in layer_map], key  # DeciLM: moved with the layers
     np.testing.assert_array_equal(_logits(zero, tokens), ref)
 
     # the seed recipe's shape: duplicated middle layers; loads and runs
@@ -228,6 +233,10 @@ def test_gemma2_layer_kinds_follow_their_layers(model_dir: Path, tmp_path: Path,
     ("gemma3", ([True, False, False, True, True, False], GGUFValueType.ARRAY, BOOL),
      [True, False, False, True, True, False]),
     ("cohere2", (2, U32, None), [True, False, True, False]),
+    ("olmo2", (2, U32, None), [True, False, True, False]),
+    # OLMo 3 as convert_hf_to_gguf writes it: a per-layer BOOL array from the config's layer_types
+    ("olmo2", ([True, True, True, False], GGUFValueType.ARRAY, BOOL), [True, True, True, False]),
+    ("gpt-oss", (4, U32, None), [True, True, True, False]),
 ])
 def test_sliding_window_pattern_reexpressed(arch: str, value: Any, expected: list[bool], tmp_path: Path,
                                             tokens: list[int]) -> None:
@@ -277,8 +286,8 @@ def _write_arch(path: Path, arch: str, extra: dict[str, tuple[Any, GGUFValueType
     ("baichuan", "ALiBi"),
     ("t5", "enc.blk.N"),
     ("bert", "embedding"),
-    ("olmo2", "refused until a fixture test covers it"),
-    ("qwen2moe", "refused until a fixture test covers it"),
+    ("mellum", "refused until a fixture test covers it"),
+    ("grok", "refused until a fixture test covers it"),
     ("no-such-arch", "not an architecture llama.cpp knows"),
 ])
 def test_refused_architectures(arch: str, fragment: str, tmp_path: Path) -> None:
@@ -297,6 +306,20 @@ def test_smollm3_no_rope_layers_must_keep_their_positions(model_dir: Path, tmp_p
     assert_one_line_error(proc, "smollm3", "every 4th layer has no RoPE", "source layer 3", "output layer 10")
     assert_one_line_error(cli("plan", src, "--preset", "llama-pro:every=2"), "smollm3", "position")
     run("plan", src, "--slices", "0:8,4:8,0:4")
+
+
+def test_deci_first_layer_must_keep_its_heads(model_dir: Path, tmp_path: Path, tokens: list[int]) -> None:
+    """llama.cpp sizes every attention head from layer 0's head count: a DeciLM output must not start
+    with the source's attention-free layer (source layer 1 of the fixture has 0 heads)."""
+    src, _ = _source(model_dir, "deci", tokens)
+    assert metadata(src)["deci.attention.head_count"][:2] == [4, 0]
+    assert_one_line_error(cli("plan", src, "--slices", "1:6,0:6"), "deci", "output layer 0", "no attention heads")
+    run("plan", src, "--slices", "0:6,1:6")  # the same layers, attention-free one not first
+    # what the refusal prevents: llama.cpp does not load a DeciLM whose first layer has no heads
+    first_free = make_model(tmp_path / "d0.gguf", arch="deci", n_embd_head=64, head_counts=[0, 4, 4, 4],
+                            head_counts_kv=[0, 2, 2, 2], ff_lengths=[512] * 4)
+    with pytest.raises(ValueError, match="Failed to load"):
+        _load(first_free)
 
 
 def test_gemma2_depth_that_changes_the_attention_scale_is_refused(tmp_path: Path) -> None:
@@ -321,6 +344,15 @@ def test_command_r_qk_norm_depth_rule(model_dir: Path, tmp_path: Path, tokens: l
     ("phi3", "qkv_proj", "attn_qkv.weight"),  # fused q/k/v
     ("command-r", "o_proj", "attn_output.weight"),
     ("gemma2", "down_proj", "ffn_down.weight"),
+    ("qwen2moe", "shared_expert.down_proj", "ffn_down_shexp.weight"),
+    ("qwen2moe", "shared_expert_gate", "ffn_gate_inp_shexp.weight"),
+    ("falcon", "dense_4h_to_h", "ffn_down.weight"),  # Falcon's HF names, not llama's
+    ("internlm2", "feed_forward.w2", "ffn_down.weight"),
+    ("exaone", "out_proj", "attn_output.weight"),
+    ("granitemoe", "output_linear", "ffn_down_exps.weight"),
+    ("gpt-oss", "sinks", "attn_sinks.weight"),
+    ("mpt", "out_proj", "attn_output.weight"),
+    ("qwen", "mlp.c_proj", "ffn_down.weight"),
 ])
 def test_hf_filters_hit_the_right_tensors(arch: str, filt: str, hits: str, model_dir: Path, tmp_path: Path,
                                           tokens: list[int]) -> None:
@@ -352,6 +384,17 @@ slices:
     proc = (cli if tensor == "blk.0.ffn_norm.weight" else run)("plan", "--config", cfg, "--model", f"src={src}",
                                                                **({} if tensor == "blk.0.ffn_norm.weight" else {"check": False}))
     assert_one_line_error(proc, "gemma2", tensor, "1 + w")
+
+
+def test_nemotron_norm_scales_are_refused(model_dir: Path, tmp_path: Path, tokens: list[int]) -> None:
+    """Nemotron's LayerNorm1P weights are stored as 1 + w, like Gemma's."""
+    src, _ = _source(model_dir, "nemotron", tokens)
+    cfg = _yaml(tmp_path, """
+merge_method: passthrough
+slices:
+  - sources: [{model: src, layer_range: [0, 4], parameters: {scale: [{filter: layernorm, value: 0.5}, {value: 1}]}}]
+""")
+    assert_one_line_error(cli("plan", "--config", cfg, "--model", f"src={src}"), "nemotron", "1 + w")
 
 
 def test_positional_keys_refused_per_arch(tmp_path: Path) -> None:

@@ -138,7 +138,7 @@ def test_unknown_license_is_flagged(tmp_path: Path) -> None:
     assert "**The license is unknown:**" in body
     assert "inherits the license and use restrictions" in body
     # the fixture's only repo URL is its own parent's: no repo id for the source itself, none invented
-    assert "base_model" not in fm and "base_model_relation" not in fm
+    assert "base_model" not in fm and fm["base_model_relation"] == "merge"
     assert "# base_model: no Hugging Face repo id is recorded" in card
 
 

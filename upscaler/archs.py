@@ -158,6 +158,39 @@ def _fixed_kinds(rule: str, kind: Callable[[int, int], Any], kind_names: tuple[s
     return check
 
 
+def _first_layer_heads(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
+    """llama.cpp derives the head size (without attention.key_length) and whether the model has
+    attention at all (n_rot, head sizes are 0 when layer 0 has no heads) from *layer 0's* head
+    count (llama-model.cpp load_hparams: n_head()). DeciLM's head counts vary by layer, so the
+    output's first layer must give what each source's first layer gave."""
+
+    def heads(m: SourceModel, il: int) -> int:
+        h = m.arch_get("attention.head_count")
+        return int(h[il] if isinstance(h, list) else h)
+
+    out_name, out_j = layers[0]
+    out_heads = heads(models[out_name], out_j)
+    for name in dict.fromkeys(n for n, _ in layers):
+        m = models[name]
+        src = heads(m, 0)
+        n_embd = int(m.arch_get("embedding_length"))
+        key_length = m.arch_get("attention.key_length")
+        if src == out_heads:
+            continue
+        if out_heads == 0 or src == 0:
+            what = "has no attention heads" if out_heads == 0 else f"has {out_heads} heads"
+            raise RecipeError(
+                f"{arch}: llama.cpp takes the head size from the first layer's head count; output layer 0 "
+                f"(source layer {out_j} of {out_name!r}) {what} while layer 0 of {name!r} has {src}, so every "
+                f"attention layer would get {'no head size' if out_heads == 0 else 'a different one'}; "
+                "start the output with a layer that has attention heads, as the source does")
+        if key_length is None and n_embd // out_heads != n_embd // src:
+            raise RecipeError(
+                f"{arch}: without attention.key_length llama.cpp takes the head size from the first layer "
+                f"(n_embd / {out_heads} = {n_embd // out_heads} instead of n_embd / {src} = {n_embd // src}); "
+                "start the output with a layer that has the source's first-layer head count")
+
+
 # --------------------------------------------------------------------------- the table
 
 _GEMMA_HF = {
@@ -178,6 +211,26 @@ _QWEN_MOE_HF = {  # Qwen2/3 MoE checkpoints: mlp.gate router, mlp.experts.N.{gat
     "ffn_up_exps": "mlp.experts.up_proj",
     "ffn_down_exps": "mlp.experts.down_proj",
 }
+
+_QWEN2_MOE_HF = {**_QWEN_MOE_HF,  # plus the shared expert and its sigmoid gate
+                 "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+                 "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+                 "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                 "ffn_down_shexp": "mlp.shared_expert.down_proj"}
+_GRANITE_MOE_HF = {  # gate and up fused in HF (input_linear), split by convert_hf_to_gguf
+    "ffn_gate_inp": "block_sparse_moe.router.layer",
+    "ffn_gate_exps": "block_sparse_moe.input_linear",
+    "ffn_up_exps": "block_sparse_moe.input_linear",
+    "ffn_down_exps": "block_sparse_moe.output_linear",
+    "ffn_gate_shexp": "shared_mlp.input_linear",
+    "ffn_up_shexp": "shared_mlp.input_linear",
+    "ffn_down_shexp": "shared_mlp.output_linear",
+}
+
+_GPT2_HF = {"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "attn_norm": "ln_1", "ffn_norm": "ln_2",
+            "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+_NEOX_HF = {"attn_qkv": "attention.query_key_value", "attn_output": "attention.dense",
+            "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}
 
 SUPPORTED: dict[str, Arch] = {
     a.name: a for a in (
@@ -216,6 +269,96 @@ SUPPORTED: dict[str, Arch] = {
                         "its kind (slice offsets multiple of 4 apart), refused otherwise",
              checks=(_fixed_kinds("every 4th layer has no RoPE", lambda il, n: int((il + 1) % 4 != 0),
                                   ("no-RoPE layer", "RoPE layer")),)),
+        Arch("olmo", "OLMo 1: non-parametric LayerNorm (no norm tensors at all), llama-shaped projections"),
+        Arch("olmo2", "OLMo 2 / OLMo 3: norms after attention and FFN, q/k norms; OLMo 3's sliding-window "
+                      "layers (3 of every 4 by default) re-expressed as a per-layer array",
+             swa=SwaRule(4, needs_window=True)),
+        Arch("starcoder2", "LayerNorms and projections with biases (zeroed with their weights); GELU MLP "
+                           "(HF c_fc / c_proj)", hf_names={"ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}),
+        Arch("stablelm", "StableLM 2 / Zephyr: LayerNorms with biases, QKV biases, partial rotary"),
+        Arch("falcon", "Falcon 7B/40B: fused QKV, parallel attention and MLP (HF self_attention.dense, "
+                       "mlp.dense_4h_to_h)",
+             hf_names={"attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
+                       "attn_norm_2": "ln_mlp", "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}),
+        Arch("internlm2", "llama-shaped; HF names attention.wqkv / attention.wo / feed_forward.w1-w3",
+             hf_names={"attn_q": "attention.wqkv", "attn_k": "attention.wqkv", "attn_v": "attention.wqkv",
+                       "attn_output": "attention.wo", "attn_norm": "attention_norm", "ffn_norm": "ffn_norm",
+                       "ffn_gate": "feed_forward.w1", "ffn_up": "feed_forward.w3", "ffn_down": "feed_forward.w2"}),
+        Arch("exaone", "EXAONE 3.x: llama-shaped; HF names attn.attention.out_proj, mlp.c_fc_0/c_fc_1/c_proj",
+             hf_names={"attn_q": "attn.attention.q_proj", "attn_k": "attn.attention.k_proj",
+                       "attn_v": "attn.attention.v_proj", "attn_output": "attn.attention.out_proj",
+                       "attn_norm": "ln_1", "ffn_norm": "ln_2", "ffn_gate": "mlp.c_fc_0", "ffn_up": "mlp.c_fc_1",
+                       "ffn_down": "mlp.c_proj"}),
+        Arch("glm4", "GLM-4 (0414) / GLM-Z1: norms after attention and FFN, fused gate+up (HF gate_up_proj); "
+                     "nextn_predict_layers > 0 (MTP layers after the last block) is refused",
+             hf_names={"post_attention_norm": "post_self_attn_layernorm", "post_ffw_norm": "post_mlp_layernorm",
+                       "ffn_up": "mlp.gate_up_proj"}),
+        Arch("qwen2moe", "Qwen1.5/Qwen2 MoE: routed experts plus a shared expert and its gate, all moving with "
+                         "their layer; mergekit's down_proj filter reaches both", hf_names=_QWEN2_MOE_HF),
+        Arch("olmoe", "OLMoE: q/k norms and experts in every layer", hf_names=_QWEN_MOE_HF),
+        Arch("granitemoe", "Granite MoE (and MoE-shared): granite's global scales; experts under HF "
+                           "block_sparse_moe.input_linear / output_linear", hf_names=_GRANITE_MOE_HF),
+        Arch("phimoe", "Phi-3.5-MoE: LayerNorms and attention with biases, output bias (global), Mixtral-style "
+                       "experts", hf_names=_MIXTRAL_HF),
+        Arch("gpt-oss", "attention sinks and biased experts move with their layer; sliding-window layers (every "
+                        "other layer) re-expressed as a per-layer array",
+             swa=SwaRule(2),
+             hf_names={"attn_sinks": "self_attn.sinks", "ffn_gate_inp": "mlp.router",
+                       "ffn_gate_exps": "mlp.experts.gate_up_proj", "ffn_up_exps": "mlp.experts.gate_up_proj",
+                       "ffn_down_exps": "mlp.experts.down_proj"}),
+        Arch("phi2", "Phi-2 / Phi-1.5: parallel attention and MLP, biases everywhere, output bias (global)",
+             hf_names={"attn_output": "self_attn.dense", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2"}),
+        Arch("gptneox", "GPT-NeoX / Pythia: fused QKV, biases, parallel residual (a global flag)",
+             hf_names=_NEOX_HF),
+        Arch("gpt2", "learned position embeddings are global (sized by the context, not the depth)",
+             hf_names=_GPT2_HF),
+        Arch("starcoder", "StarCoder 1 / SantaCoder: GPT-2 blocks with multi-query attention", hf_names=_GPT2_HF),
+        Arch("bloom", "ALiBi (per head, not per layer); LayerNorm on the embeddings is global",
+             hf_names={k: v.replace("attention.", "self_attention.") for k, v in _NEOX_HF.items()}),
+        Arch("mpt", "ALiBi (per head, not per layer); no biases",
+             hf_names={"attn_qkv": "attn.Wqkv", "attn_output": "attn.out_proj", "attn_norm": "norm_1",
+                       "ffn_norm": "norm_2", "ffn_up": "ffn.up_proj", "ffn_down": "ffn.down_proj"}),
+        Arch("qwen", "Qwen (1): fused QKV with bias; HF names attn.c_attn / attn.c_proj / mlp.w1, w2, c_proj",
+             hf_names={"attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj", "attn_norm": "ln_1",
+                       "ffn_norm": "ln_2", "ffn_up": "mlp.w1", "ffn_gate": "mlp.w2", "ffn_down": "mlp.c_proj"}),
+        Arch("nemotron", "Nemotron / Minitron: LayerNorm1P stored as 1 + w, so a recipe scaling norms is refused; "
+                         "ReLU^2 MLP", offset_norms=True),
+        Arch("arcee", "Arcee AFM: llama-shaped attention, ReLU^2 MLP without gate"),
+        Arch("seed_oss", "Seed-OSS: QKV biases, llama-shaped"),
+        Arch("xverse", "llama-shaped"),
+        Arch("orion", "llama-shaped with LayerNorm biases"),
+        Arch("chatglm", "ChatGLM3 / GLM-4-9B (older conversions): fused QKV with bias, fused gate+up",
+             hf_names={"attn_qkv": "self_attention.query_key_value", "attn_output": "self_attention.dense",
+                       "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}),
+        Arch("openelm", "per-layer query/KV head counts and FFN widths re-indexed with their layers; "
+                        "tied embeddings",
+             hf_names={"attn_qkv": "attn.qkv_proj", "attn_output": "attn.out_proj", "attn_q_norm": "attn.q_norm",
+                       "attn_k_norm": "attn.k_norm", "ffn_gate": "ffn.proj_1", "ffn_up": "ffn.proj_1",
+                       "ffn_down": "ffn.proj_2"},
+             checks=(_first_layer_heads,)),
+        Arch("refact", "llama-shaped with ALiBi (per head, not per layer)"),
+        Arch("codeshell", "GPT-2-style biased blocks with RoPE", hf_names=_GPT2_HF),
+        Arch("dbrx", "fused QKV, a norm between attention and the experts, experts in every layer",
+             hf_names={"attn_qkv": "norm_attn_norm.attn.Wqkv", "attn_output": "norm_attn_norm.attn.out_proj",
+                       "attn_norm": "norm_attn_norm.norm_1", "attn_output_norm": "norm_attn_norm.norm_2",
+                       "ffn_gate_inp": "ffn.router.layer", "ffn_gate_exps": "ffn.experts.mlp.w1",
+                       "ffn_up_exps": "ffn.experts.mlp.v1", "ffn_down_exps": "ffn.experts.mlp.w2"}),
+        Arch("ernie4_5", "ERNIE 4.5 dense (0.3B): llama-shaped"),
+        Arch("hunyuan-dense", "Hunyuan dense (0.5B-7B): per-head q/k norms move with their layer",
+             hf_names={"attn_q_norm": "self_attn.query_layernorm", "attn_k_norm": "self_attn.key_layernorm"}),
+        Arch("hunyuan-moe", "Hunyuan-A13B: q/k norms, routed experts and a shared expert in every layer",
+             hf_names={"attn_q_norm": "self_attn.query_layernorm", "attn_k_norm": "self_attn.key_layernorm",
+                       "ffn_gate_inp": "mlp.gate.wg", "ffn_gate_exps": "mlp.experts.gate_proj",
+                       "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj",
+                       "ffn_gate_shexp": "mlp.shared_mlp.gate_proj", "ffn_up_shexp": "mlp.shared_mlp.up_proj",
+                       "ffn_down_shexp": "mlp.shared_mlp.down_proj"}),
+        Arch("qwen2vl", "Qwen2-VL's language model: qwen2's layers; the multimodal RoPE sections are global"),
+        Arch("jais", "GPT-2 blocks with a gated MLP and ALiBi (per head, not per layer)",
+             hf_names={**_GPT2_HF, "ffn_gate": "mlp.c_fc2"}),
+        Arch("deci", "DeciLM / Llama-Nemotron (NAS): per-layer head counts and FFN widths re-indexed with their "
+                     "layers; the first output layer must have attention heads when the source's does "
+                     "(llama.cpp sizes every head from layer 0)",
+             checks=(_first_layer_heads,)),
     )
 }
 
@@ -277,6 +420,8 @@ REFUSED: dict[str, str] = {
     "gemma4": "per-layer embeddings live in global tensors sized by n_layer, and KV sharing is counted from the end",
     "minicpm": "llama.cpp computes the residual scale from the layer count (1.4/sqrt(n_layer)); "
                "a deeper model would rescale every layer",
+    "minicpm3": "llama.cpp computes the residual scale from the layer count (scale_depth/sqrt(n_layer)); "
+                "a deeper model would rescale every layer",
     "baichuan": "llama.cpp picks RoPE (7B, 32 layers) or ALiBi (13B, 40 layers) from the layer count",
     "exaone4": "llama.cpp enables sliding-window attention only at exactly 64 layers (32B)",
     "smallthinker": "no-RoPE and sliding-window layers are derived from position and from the layer count",
@@ -286,16 +431,13 @@ REFUSED: dict[str, str] = {
     "apertus": "per-layer xIELU arrays live under unprefixed keys (xielu.*); refused until a fixture test covers it",
     # plain stacks, untested
     **{a: _UNTESTED for a in (
-        "deci", "falcon", "gpt2", "gptneox", "mpt", "starcoder", "refact", "bloom", "stablelm", "qwen",
-        "qwen2vl", "phi2", "plamo", "codeshell", "orion", "internlm2", "minicpm3", "starcoder2",
-        "xverse", "olmo", "openelm", "chatglm", "glm4", "bitnet", "jais", "jais2", "nemotron", "exaone",
-        "chameleon", "plm", "arcee", "ernie4_5", "hunyuan-dense", "hunyuan_vl", "seed_oss", "cogvlm", "pangu-embedded",
-        "maincoder", "talkie")},
+        "plamo", "bitnet", "jais2", "chameleon", "plm",
+        "hunyuan_vl", "cogvlm", "pangu-embedded", "maincoder", "talkie")},
     **{a: _UNTESTED_MOE for a in (
-        "grok", "qwen2moe", "phimoe", "dbrx", "olmoe", "arctic", "granitemoe", "hunyuan-moe",
+        "grok", "arctic",
         "hy_v3", "grovemoe", "minimax-m2")},
     **{a: _UNTESTED_SWA for a in (
-        "plamo3", "olmo2", "muse-glimmer", "mellum", "gpt-oss", "mimo2", "step35", "spark2_5", "maple",
+        "plamo3", "muse-glimmer", "mellum", "mimo2", "step35", "spark2_5", "maple",
         "granite_swa")},
 }
 

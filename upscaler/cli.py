@@ -13,37 +13,53 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from . import __version__
 from .errors import UpscaleError
 from .metadata import base_models, recorded_lineage
 from .pipeline import prepare
 from .progress import BarProgress
-from .report import COMPUTE_OVERHEAD, PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs, type_counts
-from .source import BLOCK_RE, SourceModel, TensorReader
+from .report import PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs, size_table, type_counts
+from .source import SourceModel, TensorReader
 from .tensor_data import Emitter
 from .writer import GGUFOutput, parse_size
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Build deeper GGUF models from layer slices of existing ones (mergekit passthrough "
                        "recipes, natively on GGUF), re-quantize them with llama.cpp, and prove they work.")
 
 STATE = {"debug": False}
 
-SourceArg = typer.Argument(None, metavar="[SOURCE]",
-                           help="Source GGUF: a file, any shard of a split set, or a folder holding one model.")
-SlicesOpt = typer.Option(None, "--slices", help="Half-open layer ranges of SOURCE, e.g. 0:40,20:60,40:80.")
-ConfigOpt = typer.Option(None, "--config", help="A mergekit YAML recipe (passthrough, or linear with one non-zero "
-                                                "source per slice).")
-PresetOpt = typer.Option(None, "--preset", help="overlap-halves | solar[:drop=M] | llama-pro[:every=K]; sized to "
-                                                "SOURCE's depth.")
-ModelOpt = typer.Option(None, "--model", help="NAME=PATH for a model named in the --config recipe (repeatable).")
+
+class _Command(TyperCommand):
+    """Usage lines that name arguments as their metavar says (`[SOURCE]`, `IN.gguf`), not
+    Typer's `[[SOURCE]]` / `{IN.gguf}`; arguments are described in each command's docstring."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for prm in self.get_params(ctx):
+            if getattr(prm, "param_type_name", "") != "argument":
+                continue
+            name = prm.metavar or (prm.name or "").upper()
+            name = name + ("..." if prm.nargs != 1 else "")
+            pieces.append(name if prm.required else f"[{name}]")
+        return pieces
+
+
+SourceArg = typer.Argument(None, metavar="SOURCE", show_default=False, hidden=True)  # described in each docstring
+SlicesOpt = typer.Option(None, "--slices", metavar="RANGES", help="Half-open layer ranges of SOURCE, e.g. "
+                                                                  "0:40,20:60,40:80.")
+ConfigOpt = typer.Option(None, "--config", metavar="YAML", help="A mergekit YAML recipe (passthrough, or linear with "
+                                                                "one source per slice).")
+PresetOpt = typer.Option(None, "--preset", metavar="NAME",
+                         help="llama-pro[:every=K], overlap-halves or solar[:drop=M]; sized to the "
+                              "source's depth.")
+ModelOpt = typer.Option(None, "--model", metavar="NAME=PATH", help="A model named in the --config recipe (repeatable).")
 CardOpt = typer.Option(True, "--model-card/--no-model-card",
-                       help="Write a hub-style model card (lineage, recipe, license, files, smoke figures) beside the "
-                            "output.")
-CardPathOpt = typer.Option(None, "--model-card-path",
-                           help="Where the model card goes (default: OUTPUT's name with .md; a folder means "
-                                "FOLDER/README.md).")
+                       help="Write a hub-style model card beside the output.")
+CardPathOpt = typer.Option(None, "--model-card-path", metavar="PATH",
+                           help="Where the card goes (default: OUT.md; a folder: FOLDER/README.md).")
 
 
 def _echo_err(msg: str) -> None:
@@ -55,13 +71,18 @@ def _warn(notes: list[str]) -> None:
         _echo_err(f"warning: {n}")
 
 
-@app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
-          version: bool = typer.Option(False, "--version", help="Print the version and exit.")) -> None:
-    STATE["debug"] = debug
-    if version:
+def _print_version(value: bool) -> None:
+    """Eager, so `gguf-upscale --version` works without a command."""
+    if value:
         typer.echo(f"gguf-upscale {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+          version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                       help="Print the version and exit.")) -> None:
+    STATE["debug"] = debug
 
 
 def _card_destination(enabled: bool, path: Optional[Path], output: Path, force: bool) -> Optional[Path]:
@@ -88,12 +109,20 @@ def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, qu
         written = write_model_card(card, dest, force=force)
     except UpscaleError as e:
         raise UpscaleError(f"the output was written, but not its model card: {e}") from None
+    from .model_card import card_title
+    m = SourceModel(paths[0])
+    _, note = card_title({k: v.value for k, v in m.kvs.items()}, m.path)
+    if note:
+        _echo_err(f"note: {note}")
     if not quiet:
         typer.echo(f"  {written} (model card)")
 
 
-def command(fn):
-    """Register a command whose domain errors become one `error: ...` line and a non-zero exit."""
+def command(fn=None, **options: Any):
+    """Register a command whose domain errors become one `error: ...` line and a non-zero exit.
+    `options` go to Typer (e.g. an epilog): `@command(epilog=...)`."""
+    if fn is None:
+        return lambda f: command(f, **options)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -101,6 +130,9 @@ def command(fn):
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
+        except BrokenPipeError:  # the reader went away (`| head`): quiet, like git or ls
+            _quiet_stdout()
+            raise typer.Exit(0) from None
         except UpscaleError as e:
             if STATE["debug"]:
                 traceback.print_exc()
@@ -115,14 +147,18 @@ def command(fn):
             _echo_err(f"error: internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback)")
             raise typer.Exit(2) from None
 
-    return app.command()(wrapper)
+    return app.command(cls=_Command, **options)(wrapper)
 
 
-@command
+@command(short_help='Dry run: validate a recipe, show the layer map and sizes.')
 def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, config: Optional[str] = ConfigOpt,
          preset: Optional[str] = PresetOpt, model: Optional[list[str]] = ModelOpt,
          as_json: bool = typer.Option(False, "--json", help="Machine-readable plan on stdout.")) -> None:
-    """Validate a recipe against the source and show the layer map, size and memory needed (dry run)."""
+    """Validate a recipe against the source and show the layer map, size and memory needed (dry run).
+
+    SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model.
+    The recipe is one of --slices, --config or --preset.
+    """
     prep = prepare(source, slices=slices, config=config, preset=preset, models=model, warn=_warn)
     res, p, out = prep.resolved, prep.plan, prep.out
     first = res.models[p.embed_model]
@@ -141,18 +177,23 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
         return
     for name, info in p.models.items():
         typer.echo(f"source {name}: {info.arch}, {info.block_count} layers, {human_count(info.n_params)} params, "
-                   f"{human_bytes(info.n_bytes)} ({info.path})")
+                   f"{human_bytes(info.n_bytes)}")
+        typer.echo(f"  {info.path}")
     typer.echo("")
-    typer.echo(layer_map(p))
+    typer.echo(layer_map(p, columns=_columns()))
     typer.echo("")
     scaled = sum(1 for l in p.layers if l.scales)
     typer.echo(f"output: {p.block_count} layers ({scaled} with scaled tensors), {human_count(n_params)} parameters, "
                f"size label {getattr(out.kv('general.size_label'), 'value', None)}")
     typer.echo(f"size with the source's tensor types: {human_bytes(out.n_bytes)}")
-    typer.echo("size as llama.cpp would quantize it, and RAM to run it (weights + F16 KV cache at "
-               f"{stats.to_dict()['context_for_ram']} tokens + ~{human_bytes(COMPUTE_OVERHEAD)} compute buffers):")
-    for t, size in stats.sizes.items():
-        typer.echo(f"  {t:<8} {human_bytes(size):>10}   RAM ~{human_bytes(stats.ram[t])}")
+    typer.echo("size as llama.cpp would quantize it, and RAM to run it:")
+    typer.echo(size_table(stats))
+
+
+def _columns() -> int:
+    """The terminal's width ($COLUMNS first); 80 when not a terminal."""
+    import shutil
+    return shutil.get_terminal_size((80, 24)).columns
 
 
 def _widest(value: Any, default: int) -> int:
@@ -162,18 +203,22 @@ def _widest(value: Any, default: int) -> int:
     return max(nums) if nums else default
 
 
-@command
+@command(short_help='Write the upscaled GGUF, tensor types unchanged.')
 def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, config: Optional[str] = ConfigOpt,
             preset: Optional[str] = PresetOpt, model: Optional[list[str]] = ModelOpt,
-            output: Path = typer.Option(..., "-o", "--output", help="Output GGUF path."),
-            split_max_size: Optional[str] = typer.Option(None, "--split-max-size",
-                                                         help="Split output into shards of at most this size (K/M/G, "
-                                                              "decimal)."),
-            name: Optional[str] = typer.Option(None, "--name", help="general.name of the output."),
+            output: Path = typer.Option(..., "-o", "--output", metavar="OUT.gguf", help="Output GGUF path."),
+            split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE",
+                         help="Split the output into shards of at most SIZE (K/M/G, decimal)."),
+            name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="general.name of the output (the "
+                                                                                    "model card's title)."),
             force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and its model card)."),
             model_card: bool = CardOpt, model_card_path: Optional[Path] = CardPathOpt,
             quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary.")) -> None:
-    """Write the upscaled GGUF with tensor types unchanged (no re-quantization)."""
+    """Write the upscaled GGUF with tensor types unchanged (no re-quantization).
+
+    SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model.
+    The recipe is one of --slices, --config or --preset.
+    """
     prep = prepare(source, slices=slices, config=config, preset=preset, models=model, name=name, warn=_warn)
     res, p, out = prep.resolved, prep.plan, prep.out
     split = parse_size(split_max_size) if split_max_size else 0
@@ -186,14 +231,34 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
         ops = type_counts([t.op for t in out.tensors])
         typer.echo(f"wrote {p.block_count} layers, {len(out.tensors)} tensors "
                    f"({', '.join(f'{v} {k}' for k, v in ops.items())}), "
-                   f"{human_bytes(out.n_bytes)}")
+                   f"{human_bytes(_files_size(paths))}")
         for pth in paths:
             typer.echo(f"  {pth}")
     _write_card(card, paths, res, p, force, quiet=quiet)
 
 
-ThreadsOpt = typer.Option(None, "--threads", "-t", help="Worker threads (default: all cores).")
-VerboseOpt = typer.Option(False, "--verbose", "-v", help="Per-tensor lines and llama.cpp's own log on stderr.")
+QUANT_PANEL = "llama-quantize options"
+TypeOpt = typer.Option("Q4_K_M", "--type", metavar="TYPE", rich_help_panel=QUANT_PANEL,
+                       help="llama-quantize type (any case); see the list below.")
+OutputTypeOpt = typer.Option(None, "--output-tensor-type", metavar="GGML_TYPE", rich_help_panel=QUANT_PANEL,
+                             help="Use this ggml type for output.weight.")
+EmbeddingTypeOpt = typer.Option(None, "--token-embedding-type", metavar="GGML_TYPE", rich_help_panel=QUANT_PANEL,
+                                help="Use this ggml type for the token embeddings.")
+LeaveOutputOpt = typer.Option(False, "--leave-output-tensor", rich_help_panel=QUANT_PANEL,
+                              help="Leave output.weight un(re)quantized.")
+PureOpt = typer.Option(False, "--pure", rich_help_panel=QUANT_PANEL,
+                       help="No k-quant mixture: every tensor gets the type's default.")
+TensorTypeOpt = typer.Option(None, "--tensor-type", metavar="PATTERN=TYPE", rich_help_panel=QUANT_PANEL,
+                             help="Tensors matching regex PATTERN get ggml TYPE, e.g. attn_v=q8_0 "
+                                  "(repeatable; first match wins).")
+OverrideKvOpt = typer.Option(None, "--override-kv", metavar="KEY=TYPE:VALUE", rich_help_panel=QUANT_PANEL,
+                             help="Set metadata KEY in the output; TYPE is int, float, bool or str "
+                                  "(repeatable).")
+AllowRequantOpt = typer.Option(False, "--allow-requantize", rich_help_panel=QUANT_PANEL,
+                               help="Re-quantize already quantized tensors without a warning "
+                                    "(llama-quantize refuses them without it).")
+ThreadsOpt = typer.Option(None, "--threads", "-t", metavar="N", help="Worker threads (default: all cores).")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Per-tensor lines and llama.cpp's log on stderr.")
 
 
 def _threads(n: Optional[int]) -> int:
@@ -211,70 +276,147 @@ def _tensor_logger(verbose: bool):
     return None
 
 
+def _files_size(paths: list[Path]) -> int:
+    """Bytes on disk of the written files: the size the model card states too."""
+    return sum(p.stat().st_size for p in paths)
+
+
 def _quant_summary(stats, model_in_bytes: int, paths: list[Path], qtype_name: str) -> None:
-    typer.echo(f"{qtype_name}: {human_bytes(model_in_bytes)} -> {human_bytes(stats.bytes_out)}; "
-               f"{stats.quantized} tensors quantized, {stats.copied} copied unchanged, "
-               f"{stats.reused} reused from an identical earlier tensor ({stats.seconds_quantizing:.1f} s quantizing)")
+    typer.echo(f"{qtype_name}: {human_bytes(model_in_bytes)} -> {human_bytes(_files_size(paths))} "
+               f"({stats.seconds_quantizing:.1f} s quantizing)")
+    typer.echo(f"  {stats.quantized} tensors quantized, {stats.copied} copied unchanged, "
+               f"{stats.reused} reused from an identical one")
     for pth in paths:
         typer.echo(f"  {pth}")
 
 
-@command
-def quantize(input: str = typer.Argument(..., metavar="IN.gguf", help="A GGUF file or any shard of a set."),
-             output: Path = typer.Option(..., "-o", "--output", help="Output GGUF path."),
-             type_: str = typer.Option("Q4_K_M", "--type", help="llama-quantize type name (case-insensitive)."),
-             imatrix: Optional[str] = typer.Option(None, "--imatrix",
-                                                   help="Importance matrix (legacy .dat or GGUF) matching IN's "
-                                                        "tensor names."),
+def _quant_epilog() -> str:
+    """llama-quantize's types with their bits per weight, for --help (three columns fit 80)."""
+    from .quant_types import QUANT_TYPES, approx_bits_per_weight
+    cells = []
+    for q in QUANT_TYPES:
+        if q.only_copy:
+            continue
+        alias = "alias" in q.description
+        bpw = "alias" if alias else f"{approx_bits_per_weight(q):.2f}"
+        cells.append(f"{q.ftype:>2} {q.name:<9} {bpw:>5}")
+    rows = -(-len(cells) // 3)
+    cols = [cells[i * rows:(i + 1) * rows] for i in range(3)]
+    lines = ["   ".join(c[r] for c in cols if r < len(c)) for r in range(rows)]
+    # "\b" keeps Click from re-wrapping the table
+    return ("TYPE is one of (number, name, typical bits per weight):\n\n\b\n" + "\n".join(lines)
+            + "\n\nGGML_TYPE is one tensor type (ggml's name, any case), e.g. f16, bf16, q8_0, "
+              "q6_K, q5_K, q4_K, iq4_xs or q4_0.")
+
+
+def _mixture(output_tensor_type: Optional[str], token_embedding_type: Optional[str], leave_output_tensor: bool,
+             pure: bool, tensor_type: Optional[list[str]]):
+    """llama-quantize's mixture options, parsed with its rules (errors name the option)."""
+    from .llama_quant import Mixture, parse_ggml_type, parse_tensor_type
+    try:
+        out_t = parse_ggml_type(output_tensor_type) if output_tensor_type else None
+    except UpscaleError as e:
+        raise UpscaleError(f"--output-tensor-type: {e}") from None
+    try:
+        emb_t = parse_ggml_type(token_embedding_type) if token_embedding_type else None
+    except UpscaleError as e:
+        raise UpscaleError(f"--token-embedding-type: {e}") from None
+    return Mixture(pure=pure, leave_output_tensor=leave_output_tensor, output_tensor_type=out_t,
+                   token_embedding_type=emb_t, tensor_types=tuple(parse_tensor_type(t) for t in tensor_type or []))
+
+
+def _kv_overrides(items: Optional[list[str]]) -> dict[str, Any]:
+    from .llama_quant import parse_kv_override
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, value = parse_kv_override(item)
+        out.pop(key, None)  # llama.cpp applies them in order: the last one of a key wins, at its place
+        out[key] = value
+    return out
+
+
+@command(epilog=_quant_epilog(), short_help='Re-quantize a GGUF as llama-quantize does.')
+def quantize(input: str = typer.Argument(..., metavar="IN.gguf", hidden=True),
+             output: Path = typer.Option(..., "-o", "--output", metavar="OUT.gguf", help="Output GGUF path."),
+             type_: str = TypeOpt,
+             imatrix: Optional[str] = typer.Option(None, "--imatrix", metavar="FILE",
+                                                   help="Importance matrix (legacy .dat or GGUF) for IN's tensors."),
+             output_tensor_type: Optional[str] = OutputTypeOpt, token_embedding_type: Optional[str] = EmbeddingTypeOpt,
+             leave_output_tensor: bool = LeaveOutputOpt, pure: bool = PureOpt,
+             tensor_type: Optional[list[str]] = TensorTypeOpt, override_kv: Optional[list[str]] = OverrideKvOpt,
+             allow_requantize: bool = AllowRequantOpt,
+             keep_split: bool = typer.Option(False, "--keep-split", rich_help_panel=QUANT_PANEL,
+                                             help="Write the output in the same shards as IN."),
              threads: Optional[int] = ThreadsOpt,
-             split_max_size: Optional[str] = typer.Option(
-                 None, "--split-max-size", help="Split output into shards of at most this size (K/M/G)."),
+             split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE",
+                         help="Split the output into shards of at most SIZE (K/M/G, decimal)."),
              force: bool = typer.Option(False, "--force", help="Overwrite an existing output."),
              verbose: bool = VerboseOpt) -> None:
-    """Re-quantize a GGUF with llama.cpp's kernels: the same types and bytes llama-quantize writes."""
+    """Re-quantize a GGUF with llama.cpp's kernels, to the very types and bytes that llama-quantize writes.
+
+    IN.gguf is a GGUF file or any shard of a set.
+    """
     from .pipeline import check_imatrix_coverage, load_imatrix_option, requantize_warning, whole_model, write_quantized
     from .quant_types import parse_quant_type
     from .quantizer import assign_types
     qtype = parse_quant_type(type_)
+    mixture = _mixture(output_tensor_type, token_embedding_type, leave_output_tensor, pure, tensor_type)
+    overrides = _kv_overrides(override_kv)
+    if keep_split and split_max_size:
+        raise UpscaleError("--keep-split and --split-max-size exclude each other")
     log = _tensor_logger(verbose)
     model = SourceModel(input)
     model.check_loadable()
-    warn = requantize_warning([model])
-    if warn:
-        _warn([warn])
     im = load_imatrix_option(imatrix) if imatrix else None
     if qtype.needs_imatrix and im is None:
         raise UpscaleError(f"{qtype.name} needs an importance matrix: pass --imatrix FILE")
-    out = assign_types(whole_model(model), qtype, imatrix_kvs=im.kvs() if im else None, has_imatrix=im is not None)
+    out = assign_types(whole_model(model), qtype, imatrix_kvs=im.kvs() if im else None, has_imatrix=im is not None,
+                       mixture=mixture, kv_overrides=overrides, keep_split=keep_split)
     entries = im.entries if im else {}
     check_imatrix_coverage(out, qtype, entries)
+    shards = None
+    if keep_split and len(model.paths) > 1:
+        shards = [[t for t in out.tensors if t.source.path == pth] for pth in model.paths]
     writer = GGUFOutput(out, output, split_max_size=parse_size(split_max_size) if split_max_size else 0,
-                        force=force, inputs=list(model.paths))
+                        force=force, inputs=list(model.paths), shards=shards)
+    writer.check()
+    warn = requantize_warning(out, allow_requantize)
+    if warn:
+        _warn([warn])
     paths, stats = write_quantized(writer, entries=entries, n_threads=_threads(threads),
                                    progress=BarProgress("quantizing"), log=log)
-    _quant_summary(stats, model.n_bytes, paths, qtype.name)
+    _quant_summary(stats, _files_size(list(model.paths)), paths, qtype.name)
 
 
-@command
+@command(epilog=_quant_epilog(), short_help='Upscale + quantize (each tensor once) + smoke test.')
 def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, config: Optional[str] = ConfigOpt,
         preset: Optional[str] = PresetOpt, model: Optional[list[str]] = ModelOpt,
-        output: Path = typer.Option(..., "-o", "--output", help="Output GGUF path."),
-        type_: str = typer.Option("Q4_K_M", "--type", help="llama-quantize type name (case-insensitive)."),
-        mixture: str = typer.Option("target", "--mixture",
-                                    help="target: exactly llama.cpp's types for the upscaled model; "
-                                         "source: each layer keeps its source layer's types (copies identical)."),
-        imatrix: Optional[list[str]] = typer.Option(None, "--imatrix",
-                                                    help="The SOURCE's importance matrix (FILE, or NAME=FILE per "
-                                                         "model); mapped to the new layers."),
+        output: Path = typer.Option(..., "-o", "--output", metavar="OUT.gguf", help="Output GGUF path."),
+        type_: str = TypeOpt,
+        mixture: str = typer.Option("target", "--mixture", metavar="target|source", rich_help_panel=QUANT_PANEL,
+                                    help="target: llama.cpp's types for the upscaled model; source: each "
+                                         "layer keeps its source layer's types."),
+        imatrix: Optional[list[str]] = typer.Option(None, "--imatrix", metavar="FILE", rich_help_panel=QUANT_PANEL,
+                                                    help="The source's importance matrix (or NAME=FILE per model), "
+                                                         "mapped to the new layers."),
+        output_tensor_type: Optional[str] = OutputTypeOpt, token_embedding_type: Optional[str] = EmbeddingTypeOpt,
+        leave_output_tensor: bool = LeaveOutputOpt, pure: bool = PureOpt,
+        tensor_type: Optional[list[str]] = TensorTypeOpt, override_kv: Optional[list[str]] = OverrideKvOpt,
+        allow_requantize: bool = AllowRequantOpt,
         threads: Optional[int] = ThreadsOpt,
-        split_max_size: Optional[str] = typer.Option(None, "--split-max-size",
-                                                     help="Split output into shards of at most this size (K/M/G)."),
-        name: Optional[str] = typer.Option(None, "--name", help="general.name of the output."),
+        split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE",
+                         help="Split the output into shards of at most SIZE (K/M/G, decimal)."),
+        name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="general.name of the output (the model "
+                                                                                "card's title)."),
         force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and its model card)."),
         no_smoke: bool = typer.Option(False, "--no-smoke", help="Skip the smoke test."),
         model_card: bool = CardOpt, model_card_path: Optional[Path] = CardPathOpt,
         verbose: bool = VerboseOpt) -> None:
-    """One pass: upscale, quantize each distinct tensor once (copies reuse the bytes), smoke-test."""
+    """One pass: upscale, quantize each distinct tensor once (copies reuse the bytes), smoke-test.
+
+    SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model.
+    The recipe is one of --slices, --config or --preset.
+    """
     from .pipeline import (
         check_imatrix_coverage,
         parse_imatrix_options,
@@ -287,24 +429,27 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
     if mixture not in ("target", "source"):
         raise UpscaleError(f"--mixture must be target or source, got {mixture!r}")
     qtype = parse_quant_type(type_)
+    mix = _mixture(output_tensor_type, token_embedding_type, leave_output_tensor, pure, tensor_type)
+    overrides = _kv_overrides(override_kv)
     log = _tensor_logger(verbose)
     prep = prepare(source, slices=slices, config=config, preset=preset, models=model, name=name, warn=_warn)
     res, p, out = prep.resolved, prep.plan, prep.out
-    warn = requantize_warning(list(res.models.values()))
-    if warn:
-        _warn([warn])
     ims = parse_imatrix_options(imatrix, list(p.models))
     if qtype.needs_imatrix and not ims:
         raise UpscaleError(f"{qtype.name} needs an importance matrix: pass --imatrix FILE (computed on the source)")
     first_im = next(iter(ims.values()), None)
     qout = assign_types(out, qtype, imatrix_kvs=first_im.kvs() if first_im else None, has_imatrix=bool(ims),
-                        mode=mixture, plan=p, models=res.models)  # type: ignore[arg-type]
+                        mode=mixture, plan=p, models=res.models, mixture=mix,  # type: ignore[arg-type]
+                        kv_overrides=overrides)
     entries = source_imatrix_lookup(qout, p, ims)
     check_imatrix_coverage(qout, qtype, entries)
     split = parse_size(split_max_size) if split_max_size else 0
     writer = GGUFOutput(qout, output, split_max_size=split, force=force, inputs=res.input_paths)
     writer.check()  # the output's own refusals come first, then the card's
     card = _card_destination(model_card, model_card_path, output, force)
+    warn = requantize_warning(qout, allow_requantize)
+    if warn:
+        _warn([warn])
     paths, stats = write_quantized(writer, entries=entries, n_threads=_threads(threads),
                                    progress=BarProgress("upscale+quantize"), log=log)
     typer.echo(f"wrote {p.block_count} layers ({mixture} mixture)")
@@ -330,22 +475,28 @@ def _print_smoke(rep) -> None:
     typer.echo(f"smoke: generated {d['text']!r}")
 
 
-@command
-def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", help="A GGUF file or the first shard of a set."),
+@command(short_help='Prove a model loads, generates and scores text.')
+def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=True),
           reference: Optional[str] = typer.Option(
-              None, "--reference", help="Compare next-token distributions with this model (e.g. the source)."),
+              None, "--reference", metavar="SRC.gguf",
+              help="Compare next-token distributions with this model (e.g. the source)."),
           text: Optional[Path] = typer.Option(
-              None, "--text", help="UTF-8 text file for perplexity (default: a built-in English/Japanese text)."),
-          prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt for greedy generation."),
+              None, "--text", metavar="FILE",
+              help="UTF-8 text file for perplexity (default: a built-in English/Japanese text)."),
+          prompt: Optional[str] = typer.Option(None, "--prompt", metavar="TEXT", help="Prompt for greedy generation."),
           chat: bool = typer.Option(False, "--chat", help="Send the prompt through the model's own chat template."),
-          n_predict: int = typer.Option(32, "--n-predict", help="Tokens to generate."),
-          ctx: int = typer.Option(512, "--ctx", help="Context window for scoring."),
+          n_predict: int = typer.Option(32, "--n-predict", metavar="N", help="Tokens to generate."),
+          ctx: int = typer.Option(512, "--ctx", metavar="N", help="Context window for scoring."),
           min_agreement: Optional[float] = typer.Option(
-              None, "--min-agreement", help="Fail when top-1 agreement with --reference is lower (0..1)."),
+              None, "--min-agreement", metavar="X",
+              help="Fail when top-1 agreement with --reference is lower (0..1)."),
           threads: Optional[int] = ThreadsOpt,
           as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout."),
           verbose: bool = VerboseOpt) -> None:
-    """Prove a model works: it loads, generates, and scores text; optionally against a reference."""
+    """Prove a model works: it loads, generates, and scores text; optionally against a reference.
+
+    MODEL.gguf is a GGUF file or the first shard of a set.
+    """
     from .smoke import run_smoke
     _tensor_logger(verbose)
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
@@ -366,20 +517,33 @@ def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", help="A GG
         _print_smoke(rep)
 
 
-@command
-def imatrix(imatrix_file: list[str] = typer.Argument(
-                ..., metavar="IMATRIX", help="The source's imatrix (FILE, or NAME=FILE per model of the recipe)."),
-            source: Optional[str] = typer.Option(None, "--source", help="The source GGUF the imatrix was computed on."),
+@command(short_help='Carry an imatrix over to the upscaled layers.')
+def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", hidden=True),
+            source: Optional[str] = typer.Option(None, "--source", metavar="SRC.gguf",
+                                                 help="The source GGUF the imatrix was computed on (needed for "
+                                                      "--preset; with --slices the imatrix tells the depth)."),
             slices: Optional[str] = SlicesOpt, config: Optional[str] = ConfigOpt, preset: Optional[str] = PresetOpt,
             model: Optional[list[str]] = ModelOpt,
-            output: Path = typer.Option(..., "-o", "--output", help="Output imatrix (same format as the input)."),
+            output: Path = typer.Option(..., "-o", "--output", metavar="OUT", help="Output imatrix (same format as the "
+                                                                                   "input)."),
             force: bool = typer.Option(False, "--force", help="Overwrite an existing output.")) -> None:
-    """Carry an importance matrix over to the upscaled layer numbering (copies for duplicated layers)."""
+    """Carry an importance matrix over to the upscaled layer numbering (copies for duplicated layers).
+
+    IMATRIX is the imatrix computed on the source (legacy .dat or GGUF), or NAME=FILE per model of
+    the recipe. The recipe is one of --slices, --config or --preset; --preset needs --source.
+    """
     from .imatrix import remap_imatrix, save_imatrix
     from .pipeline import parse_imatrix_options
-    p = prepare(source, slices=slices, config=config, preset=preset, models=model, output=False, warn=_warn).plan
-    ims = parse_imatrix_options(imatrix_file, list(p.models))
-    missing = [n for n in p.models if n not in ims]
+    if source is None and not model:
+        layer_map_, models, embed, head_m = _imatrix_recipe_layers(slices, config, preset)
+        ims = parse_imatrix_options(imatrix_file, models)
+        _check_imatrix_depth(layer_map_, ims)
+    else:
+        p = prepare(source, slices=slices, config=config, preset=preset, models=model, output=False,
+                    warn=_warn).plan
+        layer_map_, models, embed, head_m = p.layer_map(), list(p.models), p.embed_model, p.head_model
+        ims = parse_imatrix_options(imatrix_file, models)
+    missing = [n for n in models if n not in ims]
     if missing:
         raise UpscaleError(f"no importance matrix for model {missing[0]!r}; give {missing[0]}=FILE")
     if output.exists() and not force:
@@ -391,26 +555,63 @@ def imatrix(imatrix_file: list[str] = typer.Argument(
     if (fmt == "gguf") != (output.suffix == ".gguf"):
         raise UpscaleError(f"{output}: the input imatrix is in {'GGUF' if fmt == 'gguf' else 'legacy .dat'} format "
                            "and the output keeps it; name the output accordingly")
-    non_block = {n: p.model_of(n) for im in ims.values() for n in im.data.entries if not BLOCK_RE.match(n)}
-    data = remap_imatrix({k: v.data for k, v in ims.items()}, p.layer_map(), non_block_model=non_block)
+    head = {"output": head_m, "output_norm": head_m, "token_embd": embed}
+    data = remap_imatrix({k: v.data for k, v in ims.items()}, layer_map_, non_block_model=head)
     save_imatrix(data, output)
-    typer.echo(f"wrote {output}: {len(data.entries)} entries for {p.block_count} layers "
+    typer.echo(f"wrote {output}: {len(data.entries)} entries for {len(layer_map_)} layers "
                f"(from {sum(len(v.data.entries) for v in ims.values())} source entries)")
 
 
-@command
-def verify(file: str = typer.Argument(..., metavar="OUT.gguf", help="An upscaled GGUF (any shard of a set)."),
-           source: Optional[list[str]] = typer.Option(
-               None, "--source", help="Source GGUF it was made from (repeatable; default: the recorded file names "
-                                      "next to OUT or in the current folder)."),
+def _imatrix_recipe_layers(slices: Optional[str], config: Optional[str], preset: Optional[str]):
+    """The layer map of a recipe that fixes every layer range, without opening the source.
+
+    Returns (output layer -> (model, source layer), model names, embedding model, head model)."""
+    from .recipe import load_yaml, parse_slices
+    from .resolve import choose_recipe
+    kind = choose_recipe(slices, config, preset)
+    if kind == "--preset":
+        raise UpscaleError("--preset sizes the recipe to the source's depth: give the source model with "
+                           "--source SRC.gguf (or fixed ranges with --slices)")
+    recipe = parse_slices(slices) if kind == "--slices" else load_yaml(config)  # type: ignore[arg-type]
+    _warn(recipe.warnings)
+    if recipe.method != "passthrough" or any(tuple(src.layer_range) == (0, -1)
+                                              for sl in recipe.slices for src in sl.sources):
+        raise UpscaleError("this recipe needs the source model to lay out its layers "
+                           "(a linear merge or a whole-model `models:` entry): give it with --source SRC.gguf")
+    layers = [(sl.sources[0].model, j) for sl in recipe.slices
+              for j in range(sl.sources[0].layer_range[0], sl.sources[0].layer_range[1])]
+    return layers, recipe.model_names(), layers[0][0], layers[-1][0]
+
+
+def _check_imatrix_depth(layers: list[tuple[str, int]], ims: dict[str, Any]) -> None:
+    """Without --source, the imatrix tells the source's depth: its highest blk.N entry."""
+    import re
+    for name, im in ims.items():
+        blocks = [int(m.group(1)) for e in im.data.entries if (m := re.match(r"blk\.(\d+)\.", e))]
+        depth = max(blocks) + 1 if blocks else 0
+        used = [j for m, j in layers if m == name]
+        if used and max(used) >= depth:
+            raise UpscaleError(f"{im.path}: the recipe uses layer {max(used)} of {name}, but the imatrix covers "
+                               f"{depth} layers (blk.0-{depth - 1}); was it computed on another model?")
+
+
+@command(short_help='Check an upscaled GGUF against its sources.')
+def verify(file: str = typer.Argument(..., metavar="OUT.gguf", hidden=True),
+           source: Optional[list[str]] = typer.Option(None, "--source", metavar="SRC.gguf",
+                                                         help="Source GGUF it was made from (repeatable; default: "
+                                                              "the recorded file names next to OUT or in the "
+                                                              "current folder)."),
            model: Optional[list[str]] = typer.Option(
-               None, "--model", help="NAME=PATH for a model named in the recorded recipe (repeatable)."),
+               None, "--model", metavar="NAME=PATH", help="A model named in the recorded recipe (repeatable)."),
            imatrix: Optional[list[str]] = typer.Option(
-               None, "--imatrix", help="The importance matrix the output was quantized with (FILE or NAME=FILE, "
-                                       "as given to run)."),
+               None, "--imatrix", metavar="FILE",
+               help="The importance matrix the output was quantized with (FILE or NAME=FILE, as given to run)."),
            threads: Optional[int] = ThreadsOpt,
            as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout.")) -> None:
-    """Check every tensor of an upscaled GGUF against its sources and the recipe recorded in it."""
+    """Check every tensor of an upscaled GGUF against its sources and the recipe recorded in it.
+
+    OUT.gguf is an upscaled GGUF (any shard of a set).
+    """
     from .verify import format_report, verify_file
     rep = verify_file(file, sources=source, models=model, imatrix=imatrix, n_threads=_threads(threads),
                       progress=BarProgress("verifying"))
@@ -419,10 +620,13 @@ def verify(file: str = typer.Argument(..., metavar="OUT.gguf", help="An upscaled
         raise UpscaleError(f"{rep.path}: {rep.problems_total} problem(s) found")
 
 
-@command
-def inspect(file: str = typer.Argument(..., metavar="FILE.gguf", help="A GGUF file or any shard of a set."),
+@command(short_help="Show a GGUF's metadata, tensor types and lineage.")
+def inspect(file: str = typer.Argument(..., metavar="FILE.gguf", hidden=True),
             as_json: bool = typer.Option(False, "--json", help="Machine-readable summary on stdout.")) -> None:
-    """Show a GGUF's metadata summary, tensor types and recorded layer lineage."""
+    """Show a GGUF's metadata summary, tensor types and recorded layer lineage.
+
+    FILE.gguf is a GGUF file or any shard of a set.
+    """
     m = SourceModel(file)
     kv = {k: v.value for k, v in m.kvs.items()}
     lineage = recorded_lineage(kv)
@@ -457,6 +661,16 @@ def _lineage_text(lineage: dict[str, Any]) -> str:
     return "\n".join(f"  out {oa:>4}-{ob:<4} <- {m} {sa}-{sb}" for oa, ob, m, sa, sb, _ in runs(layers))
 
 
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on the closed pipe
+    (the recipe of Python's signal documentation, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -466,7 +680,11 @@ def main() -> None:
     size limit (ulimit -f) makes writes fail with EFBIG, reported as errors, instead of killing us."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    app()
+    try:
+        app()
+    except BrokenPipeError:  # e.g. `--help | head -1`, outside any command's own handling
+        _quiet_stdout()
+        sys.exit(0)
 
 
 if __name__ == "__main__":

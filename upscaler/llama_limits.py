@@ -18,8 +18,11 @@ ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # LLAMA_ROPE_SCALIN
 
 # Graph builders assert head geometry (src/models/*.cpp): value head == key head, and for
 # these also the RoPE dimension == key head.
-_HEAD_V_IS_K = {"llama", "qwen2", "qwen3", "granite", "mistral3", "smollm3", "phi3", "command-r", "cohere2"}
-_ROT_IS_K = {"llama", "qwen2", "qwen3", "granite", "mistral3", "smollm3"}
+_HEAD_V_IS_K = {"llama", "qwen2", "qwen3", "granite", "mistral3", "smollm3", "phi3", "command-r", "cohere2",
+                "olmo", "olmo2", "starcoder2", "stablelm", "falcon", "internlm2", "exaone", "glm4", "qwen2moe",
+                "olmoe", "deci"}
+_ROT_IS_K = {"llama", "qwen2", "qwen3", "granite", "mistral3", "smollm3",
+             "olmo", "olmo2", "starcoder2", "falcon", "internlm2", "exaone", "qwen2moe", "olmoe", "deci"}
 
 
 def _ints(value: Any) -> list[int]:

@@ -159,7 +159,7 @@ class _Params:
 
     def __init__(self, qtype: QuantType, *, n_threads: int, imatrix: Mapping[str, np.ndarray] | None,
                  allow_requantize: bool, mixture: Mixture, kv_overrides: Mapping[str, bool | int | float | str],
-                 dry_run: bool) -> None:
+                 dry_run: bool, keep_split: bool = False) -> None:
         import llama_cpp as ll
 
         p = ll.llama_model_quantize_default_params()
@@ -172,6 +172,7 @@ class _Params:
         p.output_tensor_type = _ggml_type_arg(mixture.output_tensor_type)
         p.token_embedding_type = _ggml_type_arg(mixture.token_embedding_type)
         p.dry_run = dry_run
+        p.keep_split = keep_split
         self._keep: list[object] = []
 
         if imatrix is not None:
@@ -230,7 +231,7 @@ def quantize_file(inp: str | os.PathLike[str], out: str | os.PathLike[str] | Non
                   n_threads: int = 0, imatrix: Mapping[str, np.ndarray] | None = None,
                   allow_requantize: bool = False, mixture: Mixture | None = None,
                   kv_overrides: Mapping[str, bool | int | float | str] | None = None,
-                  dry_run: bool = False) -> QuantizeReport:
+                  dry_run: bool = False, keep_split: bool = False) -> QuantizeReport:
     """Run llama_model_quantize (llama-quantize as a function); failures become one-line QuantizeErrors.
 
     `imatrix` maps tensor names to per-column importances (n_per_row floats, times n_expert for
@@ -245,7 +246,8 @@ def quantize_file(inp: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     if not inp.is_file():
         raise QuantizeError(f"{inp}: no such file")
     params = _Params(qtype, n_threads=n_threads, imatrix=imatrix, allow_requantize=allow_requantize,
-                     mixture=mixture or Mixture(), kv_overrides=kv_overrides or {}, dry_run=dry_run)
+                     mixture=mixture or Mixture(), kv_overrides=kv_overrides or {}, dry_run=dry_run,
+                     keep_split=keep_split)
     subject = f"{inp.name} to {qtype.name}"
     if dry_run:
         return _run(inp, Path(os.devnull), params, subject)
@@ -299,13 +301,17 @@ def _write_skeleton(path: Path, tensors: Sequence[TensorInfo], kvs: Iterable[KV]
 
 def target_types(tensors: Sequence[TensorInfo], kvs: Iterable[KV], ftype: str | int | QuantType, *,
                  imatrix: bool = False, mixture: Mixture | None = None,
+                 kv_overrides: Mapping[str, bool | int | float | str] | None = None, keep_split: bool = False,
                  tmp_dir: str | os.PathLike[str] | None = None) -> dict[str, int]:
     """The ggml type llama.cpp's quantizer gives each tensor, decided by llama.cpp itself (dry run).
 
     `tensors` and `kvs` describe the model (metadata exactly as it will be written: block_count,
     head counts, expert count ...); nothing but its header is written (to `tmp_dir`). Returns
     name -> ggml type id in llama_tensor_order. `imatrix` says whether the real run will have
-    one (it changes some choices, e.g. IQ4_XS ffn_down of the first layers).
+    one (it changes some choices, e.g. IQ4_XS ffn_down of the first layers). `kv_overrides`
+    (--override-kv) reach llama.cpp's loader as they do in llama-quantize, so they can change
+    hyperparameters the rules read. `keep_split` (--keep-split) makes llama.cpp keep the order of
+    `tensors` (file order, shard by shard), which drives its positional counters.
     """
     tensors = list(tensors)
     names = [t.name for t in tensors]
@@ -320,7 +326,8 @@ def target_types(tensors: Sequence[TensorInfo], kvs: Iterable[KV], ftype: str | 
         raise QuantizeError(f"llama.cpp cannot load this model: {problem}")
     # an empty imatrix array is enough to switch llama.cpp's has_imatrix rules on
     params = _Params(qtype, n_threads=1, imatrix={} if imatrix else None, allow_requantize=True,
-                     mixture=mixture or Mixture(), kv_overrides={}, dry_run=True)
+                     mixture=mixture or Mixture(), kv_overrides=kv_overrides or {}, dry_run=True,
+                     keep_split=keep_split)
     with tempfile.TemporaryDirectory(prefix="gguf-upscale-", dir=tmp_dir) as d:
         skeleton = Path(d) / "skeleton.gguf"
         _write_skeleton(skeleton, tensors, kvs)
@@ -331,3 +338,85 @@ def target_types(tensors: Sequence[TensorInfo], kvs: Iterable[KV], ftype: str | 
         raise QuantizeError(f"llama.cpp's dry run did not report {len(missing)} tensor(s), e.g. "
                             f"{', '.join(missing[:3]) or '?'}")
     return types
+
+
+# --------------------------------------------------------------------------- llama-quantize's option syntax
+
+
+def parse_ggml_type(text: str) -> int:
+    """A ggml type name as llama-quantize's parse_ggml_type takes it (`q8_0`, `Q4_K`, `f16`), any case."""
+    by_name = {k.lower(): v for k, v in ggml.type_by_name().items()}
+    t = by_name.get(text.strip().lower())
+    if t is None:
+        raise QuantizeError(f"invalid ggml type {text!r}; valid: {', '.join(ggml.type_by_name())}")
+    return t
+
+
+def parse_tensor_type(text: str) -> tuple[str, int]:
+    """`--tensor-type PATTERN=TYPE` (quantize.cpp parse_tensor_type): the pattern lower-cased,
+    searched as a regex in each tensor name; the first matching option wins."""
+    pattern, eq, type_text = text.partition("=")
+    if not eq:
+        raise QuantizeError(f"--tensor-type {text!r}: expected PATTERN=TYPE, e.g. attn_v=q8_0")
+    if not pattern:
+        raise QuantizeError(f"--tensor-type {text!r}: missing tensor name pattern")
+    if not type_text:
+        raise QuantizeError(f"--tensor-type {text!r}: missing quantization type")
+    try:
+        re.compile(pattern.lower())
+    except re.error as e:
+        raise QuantizeError(f"--tensor-type {text!r}: not a regular expression ({e})") from None
+    return pattern.lower(), parse_ggml_type(type_text)
+
+
+KvValue = bool | int | float | str
+
+
+def parse_kv_override(text: str) -> tuple[str, KvValue]:
+    """`--override-kv KEY=TYPE:VALUE` with TYPE int, float, bool or str (common.cpp
+    string_parse_kv_override): the Python type of the value carries llama.cpp's tag."""
+    key, eq, rest = text.partition("=")
+    if not eq or len(key.encode()) >= 128:
+        raise QuantizeError(f"--override-kv {text!r}: expected KEY=TYPE:VALUE (KEY under 128 bytes), "
+                            "e.g. general.name=str:My model")
+    if not key:
+        raise QuantizeError(f"--override-kv {text!r}: empty key")
+    if key in ("general.alignment",) or key.startswith("split."):
+        raise QuantizeError(f"--override-kv {text!r}: {key} is set by the writer, not overridable")
+    kind, colon, value = rest.partition(":")
+    try:
+        if colon and kind == "int":
+            number = int(value, 10)
+            if not -2**63 <= number < 2**63:
+                raise ValueError
+            return key, number
+        if colon and kind == "float":
+            return key, float(value)
+    except ValueError:
+        raise QuantizeError(f"--override-kv {text!r}: {value!r} is not a valid {kind}") from None
+    if colon and kind == "bool":
+        if value not in ("true", "false"):
+            raise QuantizeError(f"--override-kv {text!r}: a bool is true or false")
+        return key, value == "true"
+    if colon and kind == "str":
+        if len(value.encode()) > 127:
+            raise QuantizeError(f"--override-kv {text!r}: a string value cannot exceed 127 bytes")
+        return key, value
+    raise QuantizeError(f"--override-kv {text!r}: TYPE must be int, float, bool or str (KEY=TYPE:VALUE)")
+
+
+def override_kvs(overrides: Mapping[str, KvValue]) -> list[KV]:
+    """The metadata llama_model_quantize writes for kv overrides (llama-quant.cpp): a float as
+    F32, an int as UINT32 of its absolute value, a bool as BOOL, a string as STRING."""
+    from gguf import GGUFValueType as T
+    out = []
+    for key, value in overrides.items():
+        if isinstance(value, bool):
+            out.append(KV(key, value, T.BOOL))
+        elif isinstance(value, int):
+            out.append(KV(key, abs(value) & 0xFFFFFFFF, T.UINT32))
+        elif isinstance(value, float):
+            out.append(KV(key, float(np.float32(value)), T.FLOAT32))
+        else:
+            out.append(KV(key, value, T.STRING))
+    return out

@@ -294,7 +294,7 @@ def render_model_card(output_paths: list[Path], *, sources: dict[str, SourceMode
         if name not in by_name:
             raise UpscaleError(f"model card: the output names source model {name!r}, which was not given")
 
-    title = str(kv.get("general.name") or _file_stem(out.path))
+    title, _ = card_title(kv, out.path)
     qtype = quant_type.upper() if quant_type else (_file_type_name(kv.get("general.file_type")) or _dominant_type(out))
     arch = str(kv.get("general.architecture"))
     size_label = kv.get("general.size_label")
@@ -319,12 +319,42 @@ def render_model_card(output_paths: list[Path], *, sources: dict[str, SourceMode
     return "\n\n".join(p.strip("\n") for p in parts if p) + "\n"
 
 
+TITLE_MAX = 48  # a longer general.name reads as an internal name (a path, a run id), not a title
+
+
+def card_title(kv: dict[str, Any], path: Path) -> tuple[str, str | None]:
+    """The card's title, and a note when general.name was too long to serve as one.
+
+    A name like `models--org--x-70b/snapshots/3f2a... upscaled 120L` is what converters write
+    from a folder; the card then uses general.basename (or the name's last path part) with the
+    size label, and the note tells the user to choose one with --name."""
+    name = str(kv.get("general.name") or "").strip()
+    if name and len(name) <= TITLE_MAX and "/" not in name and "\\" not in name:
+        return name, None
+    if not name:
+        return _file_stem(path), None
+    base = _readable_part(str(kv.get("general.basename") or "").strip() or name)
+    label = str(kv.get("general.size_label") or "").strip()
+    title = f"{base} upscaled {label}".strip() if label and label not in base else base
+    if len(title) > TITLE_MAX:
+        title = title[:TITLE_MAX - 1].rstrip(" -_.") + "…"
+    return title, (f"general.name {name[:40]!r}{'...' if len(name) > 40 else ''} is long; the model card is "
+                   f"titled {title!r}: give the output a readable name with --name")
+
+
+def _readable_part(name: str) -> str:
+    """The telling part of a path-like name: `models--org--x-7b/snapshots/3f2a...` -> `x-7b`."""
+    parts = [p for p in re.split(r"[/\\]+", name) if p and p != "snapshots" and not re.fullmatch(r"[0-9a-f]{16,}", p)]
+    part = parts[-1] if parts else name
+    return part.rsplit("--", 1)[-1] if part.startswith("models--") else part
+
+
 def _front_matter(srcs: list[_Source], fm_license: dict[str, str], license_state: str) -> str:
     doc: dict[str, Any] = {}
     repo_ids = list(dict.fromkeys(s.repo_id for s in srcs if s.repo_id))
     if repo_ids:
         doc["base_model"] = repo_ids
-        doc["base_model_relation"] = "merge"
+    doc["base_model_relation"] = "merge"  # the Hub draws the model tree from it (with base_model)
     doc["library_name"] = "gguf"
     doc.update(fm_license)
     langs = list(dict.fromkeys(lang for s in srcs for lang in s.languages))

@@ -152,15 +152,25 @@ def write_quantized(writer: GGUFOutput, *, entries: dict[str, np.ndarray], n_thr
     return paths, emitter.stats
 
 
-def requantize_warning(models: list[SourceModel]) -> str | None:
-    """llama.cpp needs --allow-requantize for these; we allow it and say what it costs."""
-    for m in models:
-        quantized = sorted({t.ggml_type.name for t in m.tensors.values()
-                            if len(t.shape) >= 2 and t.ggml_type not in (Q.F32, Q.F16, Q.BF16)})
-        if quantized:
-            return (f"{m.path.name} is already quantized ({', '.join(quantized)}); re-quantizing compounds the errors. "
-                    "Tensors already in their target type are copied, not re-quantized")
-    return None
+LOSSLESS = (Q.F32, Q.F16, Q.BF16)
+
+
+def requantize_warning(out: OutputModel, allow_requantize: bool = False) -> str | None:
+    """What re-quantizing an already quantized source costs, said once, after every check passed.
+
+    llama-quantize refuses such tensors without --allow-requantize; we convert them either way and
+    warn, unless the user gave --allow-requantize (they know). Nothing to say when no quantized
+    tensor changes type, or when the target types are lossless (F16/BF16/F32 hold every value)."""
+    if allow_requantize:
+        return None
+    changed = [t for t in out.tensors
+               if t.source.ggml_type not in LOSSLESS and len(t.shape) >= 2
+               and t.type != t.source.ggml_type and t.type not in LOSSLESS]
+    if not changed:
+        return None
+    kinds = sorted({f"{t.source.ggml_type.name} -> {t.type.name}" for t in changed})
+    return (f"re-quantizing {len(changed)} already quantized tensor(s) ({', '.join(kinds[:2])}"
+            f"{', ...' if len(kinds) > 2 else ''}) compounds their errors; --allow-requantize silences this")
 
 
 def whole_model(m: SourceModel) -> OutputModel:

@@ -13,10 +13,14 @@ from .errors import RecipeError
 from .recipe import MergeConfig, Recipe, normalize_config
 
 # What writes into the residual stream: attention output and FFN down projection; for
-# Mixtral-style experts mergekit sees the latter as block_sparse_moe.experts.w2.
+# Mixtral-style experts mergekit sees the latter as block_sparse_moe.experts.w2. Families whose
+# HF names differ (Falcon's self_attention.dense, StarCoder2's c_proj, InternLM2's wo/w2, ...)
+# are reached by llama.cpp's own kinds, attn_output and ffn_down (also _exps and _shexp).
 ZERO_OUT_RESIDUAL = {"scale": [{"filter": "o_proj", "value": 0.0},
                                {"filter": "down_proj", "value": 0.0},
                                {"filter": "experts.w2", "value": 0.0},
+                               {"filter": "attn_output.", "value": 0.0},  # not attn_output_norm
+                               {"filter": "ffn_down", "value": 0.0},
                                {"value": 1.0}]}
 
 

@@ -14,40 +14,51 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.table import Column
 
 from .output import OutTensor
 
 
 class BarProgress:
-    """Bytes and tensors written; shown only when stderr is a terminal."""
+    """Bytes and tensors written, on one line that fits the terminal; shown only when stderr is a terminal.
 
-    def __init__(self, label: str = "writing", enabled: bool | None = None) -> None:
+    One task counts bytes (size, speed, time left); the tensor count is a plain field of it, so it
+    is never labelled or rated as bytes. The bar takes whatever width the other columns leave.
+    """
+
+    def __init__(self, label: str = "writing", enabled: bool | None = None, console: Console | None = None) -> None:
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.console = console
         self.label = label
         self._p: Progress | None = None
-        self._bytes: TaskID | None = None
-        self._tensors: TaskID | None = None
+        self._task: TaskID | None = None
+        self._total_tensors = 0
+        self._done_tensors = 0
+
+    def _tensor_text(self) -> str:
+        return f"{self._done_tensors}/{self._total_tensors} tensors"
 
     def start(self, total_bytes: int, total_tensors: int) -> None:
         if not self.enabled:
             return
-        self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                           TransferSpeedColumn(), TimeRemainingColumn(),
-                           console=Console(stderr=True), transient=True)
+        self._total_tensors, self._done_tensors = total_tensors, 0
+        self._p = Progress(TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+                           BarColumn(bar_width=None, table_column=Column(min_width=8, ratio=1)),
+                           DownloadColumn(table_column=Column(no_wrap=True)),
+                           TransferSpeedColumn(table_column=Column(no_wrap=True)),
+                           TimeRemainingColumn(table_column=Column(no_wrap=True)),
+                           TextColumn("{task.fields[tensors]}", table_column=Column(no_wrap=True)),
+                           console=self.console or Console(stderr=True), transient=True, expand=True)
         self._p.start()
-        self._bytes = self._p.add_task(self.label, total=total_bytes)
-        self._tensors = self._p.add_task("tensors", total=total_tensors)
+        self._task = self._p.add_task(self.label, total=total_bytes, tensors=self._tensor_text())
 
     def advance(self, tensor: OutTensor, n_bytes: int) -> None:
-        if self._p is None or self._bytes is None or self._tensors is None:
+        if self._p is None or self._task is None:
             return
-        self._p.update(self._bytes, advance=n_bytes, description=f"{self.label} {tensor.name}")
-        self._p.update(self._tensors, advance=1)
+        self._done_tensors += 1
+        self._p.update(self._task, advance=n_bytes, tensors=self._tensor_text())
 
     def finish(self) -> None:
         if self._p is not None:
             self._p.stop()
             self._p = None
-
-
-

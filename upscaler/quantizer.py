@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
@@ -24,7 +24,7 @@ from gguf import Keys
 from . import ggml
 from .errors import QuantizeError
 from .gguf_header import tensor_nbytes
-from .llama_quant import Mixture, llama_tensor_order, target_types
+from .llama_quant import KvValue, Mixture, llama_tensor_order, override_kvs, target_types
 from .output import OutputModel, OutTensor
 from .plan import Plan
 from .quant_types import QuantType
@@ -43,28 +43,37 @@ def _info(t: OutTensor) -> SimpleNamespace:
 
 
 def _source_mixture_types(out: OutputModel, plan: Plan, models: dict[str, SourceModel], qtype: QuantType,
-                          imatrix: bool, mixture: Mixture | None) -> dict[str, int]:
+                          imatrix: bool, mixture: Mixture | None,
+                          kv_overrides: Mapping[str, KvValue] | None = None) -> dict[str, int]:
     """Each output tensor gets the type its source tensor gets when its own model is quantized."""
-    per_model = {name: target_types(list(m.tensors.values()), m.kvs.values(), qtype, imatrix=imatrix, mixture=mixture)
+    per_model = {name: target_types(list(m.tensors.values()), m.kvs.values(), qtype, imatrix=imatrix, mixture=mixture,
+                                    kv_overrides=kv_overrides)
                  for name, m in models.items() if name in plan.models}
     return {t.name: per_model[plan.model_of(t.name)][t.source.name] for t in out.tensors}
 
 
 def assign_types(out: OutputModel, qtype: QuantType, *, imatrix_kvs: list[KV] | None = None, has_imatrix: bool = False,
                  mode: MixtureMode = "target", plan: Plan | None = None, models: dict[str, SourceModel] | None = None,
-                 mixture: Mixture | None = None) -> OutputModel:
-    """The quantized output model: types, llama.cpp's tensor order and the metadata it writes."""
+                 mixture: Mixture | None = None, kv_overrides: Mapping[str, KvValue] | None = None,
+                 keep_split: bool = False) -> OutputModel:
+    """The quantized output model: types, llama.cpp's tensor order and the metadata it writes.
+
+    `kv_overrides` (--override-kv) go to llama.cpp's dry run and into the metadata as
+    llama_model_quantize writes them (after file_type, before the imatrix keys, which
+    llama-quantize passes as overrides too). `keep_split` keeps `out`'s tensor order (the
+    input's file order, shard by shard), as llama.cpp does for --keep-split."""
     if qtype.only_copy:
         raise QuantizeError("--type COPY does not quantize; use `upscale` to copy tensors unchanged")
     if mode == "target":
-        types = target_types([_info(t) for t in out.tensors], out.kvs, qtype, imatrix=has_imatrix, mixture=mixture)
+        types = target_types([_info(t) for t in out.tensors], out.kvs, qtype, imatrix=has_imatrix, mixture=mixture,
+                             kv_overrides=kv_overrides, keep_split=keep_split)
     else:
         if plan is None or models is None:
             raise QuantizeError("--mixture source needs an upscale plan")
-        types = _source_mixture_types(out, plan, models, qtype, has_imatrix, mixture)
+        types = _source_mixture_types(out, plan, models, qtype, has_imatrix, mixture, kv_overrides)
     by_name = {t.name: t for t in out.tensors}
     tensors = []
-    for name in llama_tensor_order(by_name):
+    for name in ([t.name for t in out.tensors] if keep_split else llama_tensor_order(by_name)):
         t = by_name[name]
         typ = Q(types[name])
         tensors.append(replace(t, ggml_type=typ, n_bytes=tensor_nbytes(int(typ), t.shape)))
@@ -72,7 +81,7 @@ def assign_types(out: OutputModel, qtype: QuantType, *, imatrix_kvs: list[KV] | 
     kvs = [kv for kv in out.kvs if kv.key not in (Keys.General.QUANTIZATION_VERSION, Keys.General.FILE_TYPE)]
     kvs += [KV(Keys.General.QUANTIZATION_VERSION, GGML_QNT_VERSION, T.UINT32),
             KV(Keys.General.FILE_TYPE, qtype.ftype, T.UINT32)]
-    for kv in imatrix_kvs or []:
+    for kv in override_kvs(kv_overrides or {}) + list(imatrix_kvs or []):
         kvs = [k for k in kvs if k.key != kv.key] + [kv]
     return replace(out, tensors=tensors, kvs=kvs)
 

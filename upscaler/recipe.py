@@ -103,6 +103,8 @@ class Recipe(BaseModel):
     parameters: dict[str, ParamValue] = {}
     name: str | None = None
     normalize: bool = True  # linear merges: divide by the sum of weights (mergekit default)
+    dtype: str | None = None  # mergekit's dtype / out_dtype, kept so the recorded recipe is the user's
+    out_dtype: str | None = None
     warnings: list[str] = []
 
     def model_names(self) -> list[str]:
@@ -135,6 +137,7 @@ class Recipe(BaseModel):
             params["normalize"] = False
         if params:
             doc["parameters"] = params
+        doc.update({k: v for k, v in (("dtype", self.dtype), ("out_dtype", self.out_dtype)) if v})
         return yaml.dump(doc, Dumper=_RecipeDumper, sort_keys=False, allow_unicode=True)
 
 
@@ -346,8 +349,12 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
             lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
             if len(lens) != 1:
                 raise RecipeError(f"{origin}: slice {i} sources have layer ranges of different lengths")
+    for key in ("dtype", "out_dtype"):
+        if getattr(cfg, key):
+            notes.append(f"{origin}: {key}: {getattr(cfg, key)} does not convert the output (tensors keep their "
+                         "source types; --type sets them when quantizing); it stays in the recorded recipe")
     return Recipe(method=method, slices=slices, parameters=params, name=cfg.name,
-                  normalize=normalize, warnings=notes)
+                  normalize=normalize, dtype=cfg.dtype, out_dtype=cfg.out_dtype, warnings=notes)
 
 
 # -- compact forms ------------------------------------------------------------------------

@@ -66,40 +66,68 @@ def runs(layers: list[OutputLayer]) -> list[tuple[int, int, str, int, int, bool]
     return out
 
 
-def layer_map(plan: Plan, width: int = 60) -> str:
-    """One row per run of output layers, drawn against the source model's layer axis."""
+MAP_PREFIX = 17  # columns before the map: the output-layer range of each row, the row labels
+
+
+def layer_map(plan: Plan, columns: int = 80) -> str:
+    """One row per run of output layers, drawn against the source model's layer axis.
+
+    Every line fits in `columns`: the axis is scaled to the room the row labels leave (at most
+    one column per source layer). Bars, ticks and the copies row share one origin
+    column, so a bar starts under the tick of its first source layer.
+    """
     lines = []
     multi = len(plan.models) > 1
+    all_runs = runs(plan.layers)
+    notes = [_run_note(sa, sb, scaled) for _, _, _, sa, sb, scaled in all_runs]
+    note_w = max((len(n) for n in notes), default=0)
+    pad = " " * MAP_PREFIX
     for name, info in plan.models.items():
         n = info.block_count
+        tail = max(note_w + 2, len(str(n)))  # room right of the axis: the notes, the last tick label
+        width = max(10, min(n, columns - MAP_PREFIX - tail))
         scale = width / n
-        axis = [" "] * (width + 1)
         ticks = sorted({0, n // 4, n // 2, 3 * n // 4, n})
-        tick_line = [" "] * (width + 8)
+        tick_line = [" "] * (width + len(str(n)))
         for t in ticks:
             pos = min(int(t * scale), width)
             label = str(t)
+            if pos > 0 and tick_line[pos - 1] != " ":  # would touch the previous label
+                continue
             for k, ch in enumerate(label):
                 if pos + k < len(tick_line):
                     tick_line[pos + k] = ch
-            axis[min(pos, width)] = "|"
-        header = f"{'output layers':>15}  {'source ' + (name if multi else 'layers'):<}"
+        header = "output layers".rjust(MAP_PREFIX - 2) + "  " + ("source " + name if multi else "source layers")
         lines.append(header)
-        lines.append(f"{'':>15}  " + "".join(tick_line).rstrip())
+        lines.append(pad + "".join(tick_line).rstrip())
         counts = [0] * n
-        for oa, ob, m, sa, sb, scaled in runs(plan.layers):
+        for (oa, ob, m, sa, sb, scaled), note in zip(all_runs, notes):
             if m != name:
                 continue
-            a, b = int(sa * scale), max(int((sb + 1) * scale), int(sa * scale) + 1)
+            a = min(int(sa * scale), width - 1)
+            b = max(int((sb + 1) * scale), a + 1)
             bar = [" "] * width
             for k in range(a, min(b, width)):
                 bar[k] = "░" if scaled else "█"
-            note = f"src {sa}-{sb}" + (" (scaled)" if scaled else "")
-            lines.append(f"{oa:>6}-{ob:<6}   " + "".join(bar) + f"  {note}")
+            lines.append(f"{oa:>6}-{ob:<6}".ljust(MAP_PREFIX) + "".join(bar) + f"  {note}")
             for j in range(sa, sb + 1):
                 counts[j] += 1
         cov = "".join(_coverage_char(counts, int(k / scale), int((k + 1) / scale)) for k in range(width))
-        lines.append(f"{'copies':>15}  {cov}  (times each source layer is used)")
+        lines.append("copies".rjust(MAP_PREFIX - 2) + "  " + cov)
+    lines.append(pad + "(copies: times each source layer is used)")
+    return "\n".join(lines)
+
+
+def _run_note(sa: int, sb: int, scaled: bool) -> str:
+    return f"src {sa}-{sb}" + (" (scaled)" if scaled else "")
+
+
+def size_table(stats: PlanStats) -> str:
+    """Size and RAM per quant type, in a narrow table with its footnote (fits 80 columns)."""
+    lines = [f"  {'type':<8} {'file size':>10}   {'RAM to run*':>11}"]
+    for t, size in stats.sizes.items():
+        lines.append(f"  {t:<8} {human_bytes(size):>10}   {human_bytes(stats.ram[t]):>11}")
+    lines.append(f"  * weights + F16 KV cache at {KV_CTX} tokens + ~{human_bytes(COMPUTE_OVERHEAD)} compute buffers")
     return "\n".join(lines)
 
 

@@ -414,14 +414,15 @@ class GGUFOutput:
     """Prepare and write one output model (one file, or shards with --split-max-size)."""
 
     def __init__(self, model: OutputModel, dest: Path, *, split_max_size: int = 0,
-                 force: bool = False, inputs: list[Path] | tuple[Path, ...] = ()) -> None:
+                 force: bool = False, inputs: list[Path] | tuple[Path, ...] = (),
+                 shards: list[list[OutTensor]] | None = None) -> None:
         self.model = model
         self.dest = Path(dest)
         self.force = force
         self.inputs = [Path(p) for p in inputs]
         if len({t.name for t in model.tensors}) != len(model.tensors):
             raise OutputError("internal: duplicate output tensor names")
-        self.shards = shard_layout(model.tensors, split_max_size)
+        self.shards = shards or shard_layout(model.tensors, split_max_size)  # shards: as given (--keep-split)
         self.paths = shard_names(self.dest, len(self.shards))
         self.headers: list[bytes] = []
         align = model.alignment
