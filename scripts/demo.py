@@ -67,7 +67,8 @@ def main() -> int:
     print(f"  upscaled        {up.name}: {mb(up)}")
     print(f"  Q4_K_M          {q4.name}: {mb(q4)}")
     print(f"  one-shot Q4_K_M {one.name}: {mb(one)}"
-          + (" (byte-identical to the two-step file)" if one.read_bytes() == q4.read_bytes() else " (DIFFERS from the two-step file)"))
+          + (" (byte-identical to the two-step "
+             "file)" if one.read_bytes() == q4.read_bytes() else " (DIFFERS from the two-step file)"))
     print(f"  perplexity      {report['perplexity']:.2f} ± {report['perplexity_uncertainty']:.2f} "
           f"(source {report['reference_perplexity']:.2f} ± {report['reference_perplexity_uncertainty']:.2f}; "
           f"ratio {report['perplexity_ratio']:.3f} ± {report['perplexity_ratio_uncertainty']:.3f})")

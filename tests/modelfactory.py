@@ -21,7 +21,7 @@ import itertools
 import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 from gguf import (
@@ -107,7 +107,7 @@ class Dims:
     def head_dim(self) -> int:
         return self.n_embd_head or self.n_embd // self.n_head
 
-    def layer(self, il: int) -> "Dims":
+    def layer(self, il: int) -> Dims:
         """These dimensions as layer ``il`` sees them (per-layer head counts and FFN widths)."""
         return replace(self,
                        n_head=self.head_counts[il] if self.head_counts else self.n_head,
@@ -202,7 +202,7 @@ def _no_hparams(d: Dims) -> dict[str, KV]:
 
 
 #: Arch-specific metadata: a rule of the dimensions, or a table of key -> (value or rule, type[, sub-type]).
-HParams = Union[Callable[[Dims], dict[str, KV]], dict[str, tuple]]
+HParams = Callable[[Dims], dict[str, KV]] | dict[str, tuple]
 GLOBALS = ("token_embd.weight", "output_norm.weight", "output.weight")
 
 
@@ -874,7 +874,7 @@ def _moe_layers(names: list[str], shapes: dict[str, tuple[int, ...]], dims: Dims
     return out_names, out_shapes
 
 
-def load_llama(path: Path | str, **kw: Any) -> "llama_cpp.Llama":
+def load_llama(path: Path | str, **kw: Any) -> llama_cpp.Llama:
     """Open a model the way every test compares logits: small ctx, all logits kept, 2 threads,
     weights on plain CPU buffers like every evaluation of the project (upscaler.llama_params)."""
     from upscaler.llama_params import open_llama
@@ -884,7 +884,7 @@ def load_llama(path: Path | str, **kw: Any) -> "llama_cpp.Llama":
     return open_llama(path, **params)
 
 
-def eval_logits(llm: "llama_cpp.Llama", tokens: Sequence[int]) -> np.ndarray:
+def eval_logits(llm: llama_cpp.Llama, tokens: Sequence[int]) -> np.ndarray:
     """Logits for every position, shape [len(tokens), n_vocab], from a fresh KV cache."""
     llm.reset()
     llm.eval(list(tokens))

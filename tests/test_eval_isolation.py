@@ -55,8 +55,8 @@ def test_q4_0_weights_stay_on_plain_buffers(tiny_llama: Path, tmp_path: Path) ->
     """Oracle: llama.cpp's own load log. With its defaults a Q4_0 model may be repacked (CPU_REPACK on
     AVX2/NEON, AMX on Xeons); through open_llama no extra buffer type is ever allocated."""
     import llama_cpp
-    from upscaler import llama_log
 
+    from upscaler import llama_log
     from upscaler.llama_quant import quantize_file
 
     q4 = tmp_path / "q4_0.gguf"

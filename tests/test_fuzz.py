@@ -28,8 +28,8 @@ import sys
 import tempfile
 import textwrap
 import time
-import tracemalloc
 import traceback
+import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,6 +43,7 @@ from helpers import ROOT, cli
 from modelfactory import make_model
 from upscaler import cli as cli_mod
 from upscaler.errors import UpscaleError
+from upscaler.pipeline import prepare
 from upscaler.source import TensorReader
 from upscaler.tensor_data import emit
 from upscaler.writer import GGUFOutput
@@ -492,9 +493,9 @@ def build_case(fx: Fixtures, spec: str) -> Case:
 
 
 def _write_upscaled(src: Path, dest: Path) -> None:
-    res, _, out = cli_mod._prepare(str(src), SLICES, None, None, None)
+    prep = prepare(str(src), slices=SLICES)
     with TensorReader() as reader:
-        GGUFOutput(out, dest, inputs=res.input_paths).write(lambda t, sink: emit(t, reader, sink))
+        GGUFOutput(prep.out, dest, inputs=prep.input_paths).write(lambda t, sink: emit(t, reader, sink))
 
 
 def make_fixtures(folder: Path) -> Fixtures:
@@ -549,8 +550,8 @@ def run_plan(entry: Path, out: Path) -> None:
 
 def run_upscale(entry: Path, out: Path) -> None:
     """What `gguf-upscale upscale ENTRY --slices 0:2,1:2 -o OUT` does, minus the CLI's error handling."""
-    res, _, model = cli_mod._prepare(str(entry), SLICES, None, None, None)
-    writer = GGUFOutput(model, out, inputs=res.input_paths)
+    prep = prepare(str(entry), slices=SLICES)
+    writer = GGUFOutput(prep.out, out, inputs=prep.input_paths)
     with TensorReader() as reader:
         writer.write(lambda t, sink: emit(t, reader, sink))
 

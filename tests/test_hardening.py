@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from test_fuzz import Fixtures, build_case, make_fixtures
 
 from helpers import assert_one_line_error, cli, leftovers
-from test_fuzz import Fixtures, build_case, make_fixtures
 from upscaler.errors import SourceError
 from upscaler.gguf_header import read_header
 from upscaler.source import SourceModel

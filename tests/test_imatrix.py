@@ -816,8 +816,9 @@ def test_quantize_with_imatrix_is_llama_quantize_whole_file(fmt: str, type_name:
                                                             tmp_path: Path) -> None:
     """`quantize --imatrix FILE` writes the very file llama-quantize writes given FILE: metadata keys,
     their order and values (quantize.imatrix.*), tensor types and bytes."""
-    from helpers import cli
     from llama_reference import llama_quantize, read_imatrix
+
+    from helpers import cli
     im = _write_matrix(tmp_path / f"m.{fmt}", fmt, _full_stats(4))
     ours = tmp_path / "ours.gguf"
     cli("quantize", tiny_llama, "-o", ours, "--type", type_name, "--imatrix", im, check=True)
@@ -831,8 +832,9 @@ def test_run_with_named_imatrix_is_the_two_step_path(fmt: str, tiny_llama: Path,
     """`run --imatrix NAME=FILE` (the recipe's model name) equals upscale + llama-quantize given the
     source matrix with each output layer's entries copied from its source layer (renamed here,
     independently of gguf-upscale imatrix), recording the source matrix as given."""
-    from helpers import cli
     from llama_reference import Imatrix, llama_quantize, read_imatrix
+
+    from helpers import cli
     im = _write_matrix(tmp_path / f"src.{fmt}", fmt, _full_stats(4, seed=5))
     cfg = tmp_path / "r.yaml"
     cfg.write_text("merge_method: passthrough\nslices:\n"

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import numpy as np
 import pytest
@@ -27,7 +27,7 @@ from modelfactory import make_model
 
 # ---------------------------------------------------------------- mergekit, transcribed
 
-SCALE = TypeAdapter(Optional[float]).validate_python  # passthrough: scale: PerInput[Optional[float]]
+SCALE = TypeAdapter(float | None).validate_python  # passthrough: scale: PerInput[Optional[float]]
 WEIGHT = TypeAdapter(float).validate_python  # linear: weight: BatchParameter(float, INPUT)
 NORMALIZE = TypeAdapter(bool).validate_python  # linear: normalize: bool = True
 

@@ -99,7 +99,9 @@ def test_recipe_block_parses_back_to_the_same_slices(karakuri) -> None:
     # exactly what the output records
     assert _yaml_block(body) == str(metadata(outs[0])["upscale.recipe"]).rstrip("\n")
     # an explicit recipe text is shown verbatim
-    given = "merge_method: passthrough\nslices:\n  - sources: [{model: %s, layer_range: [0, 3]}]\n  - sources: [{model: %s, layer_range: [1, 4]}]" % (src.name, src.name)
+    given = ("merge_method: passthrough\nslices:\n"
+             f"  - sources: [{{model: {src.name}, layer_range: [0, 3]}}]\n"
+             f"  - sources: [{{model: {src.name}, layer_range: [1, 4]}}]")
     _, body2 = _split(_card(src, outs, recipe_yaml=given))
     assert _yaml_block(body2) == given
 

@@ -21,7 +21,8 @@ SEED = "0:40,20:60,40:80"
 def llama_quantize(src: Path, dst: Path, type_name: str, imatrix: dict[str, np.ndarray] | None = None) -> Path:
     """The reference: llama.cpp's own driver (llama_model_quantize), like `llama-quantize`, with
     parameters from llama-cpp-python's constants (tests/llama_reference.py), not the code under test."""
-    from llama_reference import Imatrix, llama_quantize as reference
+    from llama_reference import Imatrix
+    from llama_reference import llama_quantize as reference
     return reference(src, dst, type_name, imatrix=Imatrix(dict(imatrix)) if imatrix is not None else None)
 
 

@@ -3,7 +3,6 @@ called with the same parameters (llama_model_quantize_params), option by option.
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import pytest

@@ -103,7 +103,7 @@ def _layer_count_attention_scale(n_layer_27b: int) -> LayoutCheck:
     No metadata key overrides it, so the output must stay on the source's side of that count
     unless both formulas agree."""
 
-    def check(arch: str, models: Mapping[str, "SourceModel"], layers: Sequence[tuple[str, int]]) -> None:
+    def check(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
         out_n = len(layers)
         for name in dict.fromkeys(m for m, _ in layers):
             m = models[name]
@@ -125,25 +125,28 @@ def _layer_count_attention_scale(n_layer_27b: int) -> LayoutCheck:
     return check
 
 
-def _command_r_qk_norm(arch: str, models: Mapping[str, "SourceModel"], layers: Sequence[tuple[str, int]]) -> None:
+def _command_r_qk_norm(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
     """command-r loads attn_q_norm/attn_k_norm in every layer when n_layer >= 64 (Command R+),
     and never below (models/command-r.cpp); the output's depth must agree with its tensors."""
     out_n = len(layers)
     for i, (name, j) in enumerate(layers):
         has = "attn_q_norm.weight" in models[name].blocks.get(j, {})
         if has != (out_n >= 64):
-            what = ("has attn_q_norm/attn_k_norm (Command R+), which llama.cpp only loads in models of 64 or more layers"
+            what = ("has attn_q_norm/attn_k_norm (Command R+), which llama.cpp only loads in models of 64 or more "
+                    "layers"
                     if has else
-                    "has no attn_q_norm/attn_k_norm, which llama.cpp requires in every layer of a model of 64 or more layers")
+                    "has no attn_q_norm/attn_k_norm, which llama.cpp requires in every layer of a model of 64 or more "
+                    "layers")
             raise RecipeError(f"command-r: source layer {j} of {name!r} {what}; the output has {out_n} layers "
-                              f"(output layer {i}); keep the output {'at 64 layers or more' if has else 'below 64 layers'}")
+                              f"(output layer {i}); keep the output "
+                              f"{'at 64 layers or more' if has else 'below 64 layers'}")
 
 
 def _fixed_kinds(rule: str, kind: Callable[[int, int], Any], kind_names: tuple[str, str]) -> LayoutCheck:
     """For hard-coded positional rules without a per-layer form: allow a plan only when every
     output position has the same kind as its source layer had."""
 
-    def check(arch: str, models: Mapping[str, "SourceModel"], layers: Sequence[tuple[str, int]]) -> None:
+    def check(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
         out_n = len(layers)
         for i, (name, j) in enumerate(layers):
             src_kind, out_kind = kind(j, models[name].block_count), kind(i, out_n)
@@ -155,13 +158,13 @@ def _fixed_kinds(rule: str, kind: Callable[[int, int], Any], kind_names: tuple[s
     return check
 
 
-def _first_layer_heads(arch: str, models: Mapping[str, "SourceModel"], layers: Sequence[tuple[str, int]]) -> None:
+def _first_layer_heads(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
     """llama.cpp derives the head size (without attention.key_length) and whether the model has
     attention at all (n_rot, head sizes are 0 when layer 0 has no heads) from *layer 0's* head
     count (llama-model.cpp load_hparams: n_head()). DeciLM's head counts vary by layer, so the
     output's first layer must give what each source's first layer gave."""
 
-    def heads(m: "SourceModel", il: int) -> int:
+    def heads(m: SourceModel, il: int) -> int:
         h = m.arch_get("attention.head_count")
         return int(h[il] if isinstance(h, list) else h)
 
@@ -455,7 +458,7 @@ def is_offset_norm(arch: str | None, suffix: str) -> bool:
     return bool(a and a.offset_norms and suffix.rpartition(".")[0].endswith("norm"))
 
 
-def check_layout(arch: str, models: Mapping[str, "SourceModel"], layers: Sequence[tuple[str, int]]) -> None:
+def check_layout(arch: str, models: Mapping[str, SourceModel], layers: Sequence[tuple[str, int]]) -> None:
     """Refuse (RecipeError) output layouts llama.cpp would interpret differently from the source."""
     a = SUPPORTED.get(arch)
     for check in (a.checks if a else ()):

@@ -18,14 +18,11 @@ from typer.core import TyperCommand
 from . import __version__
 from .errors import UpscaleError
 from .metadata import base_models, recorded_lineage
-from .output import build_output
-from .plan import build_plan
+from .pipeline import prepare
 from .progress import BarProgress
-from .report import (PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs, size_table,
-                     type_counts)
-from .resolve import resolve
+from .report import PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs, size_table, type_counts
 from .source import SourceModel, TensorReader
-from .tensor_data import Emitter, check_scalable
+from .tensor_data import Emitter
 from .writer import GGUFOutput, parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -51,8 +48,10 @@ class _Command(TyperCommand):
 
 
 SourceArg = typer.Argument(None, metavar="SOURCE", show_default=False, hidden=True)  # described in each docstring
-SlicesOpt = typer.Option(None, "--slices", metavar="RANGES", help="Half-open layer ranges of SOURCE, e.g. 0:40,20:60,40:80.")
-ConfigOpt = typer.Option(None, "--config", metavar="YAML", help="A mergekit YAML recipe (passthrough, or linear with one source per slice).")
+SlicesOpt = typer.Option(None, "--slices", metavar="RANGES", help="Half-open layer ranges of SOURCE, e.g. "
+                                                                  "0:40,20:60,40:80.")
+ConfigOpt = typer.Option(None, "--config", metavar="YAML", help="A mergekit YAML recipe (passthrough, or linear with "
+                                                                "one source per slice).")
 PresetOpt = typer.Option(None, "--preset", metavar="NAME",
                          help="llama-pro[:every=K], overlap-halves or solar[:drop=M]; sized to the "
                               "source's depth.")
@@ -86,18 +85,6 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for
     STATE["debug"] = debug
 
 
-def _prepare(source: Optional[str], slices: Optional[str], config: Optional[str], preset: Optional[str],
-             model: Optional[list[str]], name: Optional[str] = None):
-    res = resolve(source, slices=slices, config=config, preset=preset, model_opts=model)
-    _warn(res.recipe.warnings)
-    plan = build_plan(res.recipe, res.models)
-    out = build_output(plan, res.models, name=name)
-    _warn(out.warnings)
-    for t in out.tensors:
-        check_scalable(t)
-    return res, plan, out
-
-
 def _card_destination(enabled: bool, path: Optional[Path], output: Path, force: bool) -> Optional[Path]:
     """The model card's path, checked before any work so a refusal costs nothing."""
     if not enabled:
@@ -113,10 +100,12 @@ def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, qu
     if dest is None:
         return
     import shlex
+
     from .model_card import render_model_card, write_model_card
     try:
         card = render_model_card(paths, sources=res.models, recipe_yaml=p.recipe.to_yaml(), smoke=smoke,
-                                 quant_type=quant_type, command_line=shlex.join(["gguf-upscale", *sys.argv[1:]]))
+                                 quant_type=quant_type, command_line=shlex.join(["gguf-upscale", *sys.argv[1:]]),
+                                 plan=p)
         written = write_model_card(card, dest, force=force, owner=paths[0])
     except UpscaleError as e:
         raise UpscaleError(f"the output was written, but not its model card: {e}") from None
@@ -170,7 +159,8 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
     SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model.
     The recipe is one of --slices, --config or --preset.
     """
-    res, p, out = _prepare(source, slices, config, preset, model)
+    prep = prepare(source, slices=slices, config=config, preset=preset, models=model, warn=_warn)
+    res, p, out = prep.resolved, prep.plan, prep.out
     first = res.models[p.embed_model]
     n_head = _widest(first.arch_get("attention.head_count"), 1)
     n_head_kv = _widest(first.arch_get("attention.head_count_kv"), n_head)
@@ -194,7 +184,7 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
     typer.echo("")
     scaled = sum(1 for l in p.layers if l.scales)
     typer.echo(f"output: {p.block_count} layers ({scaled} with scaled tensors), {human_count(n_params)} parameters, "
-               f"size label {out.kv('general.size_label').value}")
+               f"size label {getattr(out.kv('general.size_label'), 'value', None)}")
     typer.echo(f"size with the source's tensor types: {human_bytes(out.n_bytes)}")
     typer.echo("size as llama.cpp would quantize it, and RAM to run it:")
     typer.echo(size_table(stats))
@@ -219,7 +209,8 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
             output: Path = typer.Option(..., "-o", "--output", metavar="OUT.gguf", help="Output GGUF path."),
             split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE",
                          help="Split the output into shards of at most SIZE (K/M/G, decimal)."),
-            name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="general.name of the output (the model card's title)."),
+            name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="general.name of the output (the "
+                                                                                    "model card's title)."),
             force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and its model card)."),
             model_card: bool = CardOpt, model_card_path: Optional[Path] = CardPathOpt,
             quiet: bool = typer.Option(False, "--quiet", "-q", help="No summary.")) -> None:
@@ -228,7 +219,8 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
     SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model.
     The recipe is one of --slices, --config or --preset.
     """
-    res, p, out = _prepare(source, slices, config, preset, model, name)
+    prep = prepare(source, slices=slices, config=config, preset=preset, models=model, name=name, warn=_warn)
+    res, p, out = prep.resolved, prep.plan, prep.out
     split = parse_size(split_max_size) if split_max_size else 0
     writer = GGUFOutput(out, output, split_max_size=split, force=force, inputs=res.input_paths)
     writer.check()  # the output's own refusals come first, then the card's
@@ -237,7 +229,8 @@ def upscale(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt
         paths = writer.write(emitter, BarProgress("upscaling"))
     if not quiet:
         ops = type_counts([t.op for t in out.tensors])
-        typer.echo(f"wrote {p.block_count} layers, {len(out.tensors)} tensors ({', '.join(f'{v} {k}' for k, v in ops.items())}), "
+        typer.echo(f"wrote {p.block_count} layers, {len(out.tensors)} tensors "
+                   f"({', '.join(f'{v} {k}' for k, v in ops.items())}), "
                    f"{human_bytes(_files_size(paths))}")
         for pth in paths:
             typer.echo(f"  {pth}")
@@ -363,8 +356,7 @@ def quantize(input: str = typer.Argument(..., metavar="IN.gguf", hidden=True),
 
     IN.gguf is a GGUF file or any shard of a set.
     """
-    from .pipeline import (check_imatrix_coverage, load_imatrix_option, requantize_warning, whole_model,
-                           write_quantized)
+    from .pipeline import check_imatrix_coverage, load_imatrix_option, requantize_warning, whole_model, write_quantized
     from .quant_types import parse_quant_type
     from .quantizer import assign_types
     qtype = parse_quant_type(type_)
@@ -414,7 +406,8 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
         threads: Optional[int] = ThreadsOpt,
         split_max_size: Optional[str] = typer.Option(None, "--split-max-size", metavar="SIZE",
                          help="Split the output into shards of at most SIZE (K/M/G, decimal)."),
-        name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="general.name of the output (the model card's title)."),
+        name: Optional[str] = typer.Option(None, "--name", metavar="NAME", help="general.name of the output (the model "
+                                                                                "card's title)."),
         force: bool = typer.Option(False, "--force", help="Overwrite an existing output (and its model card)."),
         no_smoke: bool = typer.Option(False, "--no-smoke", help="Skip the smoke test."),
         model_card: bool = CardOpt, model_card_path: Optional[Path] = CardPathOpt,
@@ -424,8 +417,13 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
     SOURCE is the source GGUF: a file, any shard of a split set, or a folder holding one model.
     The recipe is one of --slices, --config or --preset.
     """
-    from .pipeline import (check_imatrix_coverage, parse_imatrix_options, requantize_warning,
-                           source_imatrix_lookup, write_quantized)
+    from .pipeline import (
+        check_imatrix_coverage,
+        parse_imatrix_options,
+        requantize_warning,
+        source_imatrix_lookup,
+        write_quantized,
+    )
     from .quant_types import parse_quant_type
     from .quantizer import assign_types
     if mixture not in ("target", "source"):
@@ -434,7 +432,8 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
     mix = _mixture(output_tensor_type, token_embedding_type, leave_output_tensor, pure, tensor_type)
     overrides = _kv_overrides(override_kv)
     log = _tensor_logger(verbose)
-    res, p, out = _prepare(source, slices, config, preset, model, name)
+    prep = prepare(source, slices=slices, config=config, preset=preset, models=model, name=name, warn=_warn)
+    res, p, out = prep.resolved, prep.plan, prep.out
     ims = parse_imatrix_options(imatrix, list(p.models))
     if qtype.needs_imatrix and not ims:
         raise UpscaleError(f"{qtype.name} needs an importance matrix: pass --imatrix FILE (computed on the source)")
@@ -551,32 +550,39 @@ def _print_smoke(rep) -> None:
         f"{unc * 100:.3f} %" if unc is not None else "")
 
 
-SmokeThreadsOpt = typer.Option(None, "--threads", "-t", metavar="N", help="llama.cpp threads (default: physical cores).")
+SmokeThreadsOpt = typer.Option(None, "--threads", "-t", metavar="N",
+                               help="llama.cpp threads (default: physical cores).")
 
 
 @command(short_help="Prove a model loads, generates and scores text.")
 def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=True),
-          reference: Optional[str] = typer.Option(None, "--reference", metavar="SRC.gguf",
-                                                  help="Compare next-token distributions with this model (e.g. the source)."),
-          text: Optional[Path] = typer.Option(None, "--text-file", "--text", metavar="FILE",
-                                              help="Any UTF-8 text file to score (default: a built-in English/Japanese text)."),
+          reference: Optional[str] = typer.Option(
+              None, "--reference", metavar="SRC.gguf",
+              help="Compare next-token distributions with this model (e.g. the source)."),
+          text: Optional[Path] = typer.Option(
+              None, "--text-file", "--text", metavar="FILE",
+              help="Any UTF-8 text file to score (default: a built-in English/Japanese text)."),
           prompt: Optional[str] = typer.Option(None, "--prompt", metavar="TEXT", help="Prompt for greedy generation."),
           chat: bool = typer.Option(False, "--chat", help="Send the prompt through the model's own chat template."),
           n_predict: int = typer.Option(32, "--n-predict", metavar="N", help="Tokens to generate."),
           ctx: int = typer.Option(512, "--ctx", metavar="N", help="Context window for scoring."),
-          max_tokens: int = typer.Option(1024, "--max-tokens", metavar="N", help="Score at most this many tokens of the text."),
+          max_tokens: int = typer.Option(1024, "--max-tokens", metavar="N",
+                                         help="Score at most this many tokens of the text."),
           windows: str = typer.Option("sliding", "--windows", metavar="sliding|chunks",
                                       help="sliding: every token once, half a window of context; chunks: "
                                            "llama-perplexity's disjoint --ctx chunks, second half of each scored."),
-          min_agreement: Optional[float] = typer.Option(None, "--min-agreement", metavar="X",
-                                                        help="Fail when top-1 agreement with --reference is lower (0..1)."),
+          min_agreement: Optional[float] = typer.Option(
+              None, "--min-agreement", metavar="X",
+              help="Fail when top-1 agreement with --reference is lower (0..1)."),
           threads: Optional[int] = SmokeThreadsOpt,
-          as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout (also when a threshold fails)."),
+          as_json: bool = typer.Option(False, "--json",
+                                       help="Machine-readable report on stdout (also when a threshold fails)."),
           write_card: bool = typer.Option(False, "--write-card",
                                           help="Then write MODEL's model card with these figures (finishes a `run` "
                                                "whose smoke test did not)."),
-          model: Optional[list[str]] = typer.Option(None, "--model", metavar="NAME=PATH",
-                                                    help="A source model named in MODEL's recipe, for --write-card (repeatable)."),
+          model: Optional[list[str]] = typer.Option(
+              None, "--model", metavar="NAME=PATH",
+              help="A source model named in MODEL's recipe, for --write-card (repeatable)."),
           model_card_path: Optional[Path] = CardPathOpt,
           force: bool = typer.Option(False, "--force", help="Overwrite an existing model card (--write-card)."),
           verbose: bool = VerboseOpt) -> None:
@@ -663,7 +669,8 @@ def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", hid
                                                       "--preset; with --slices the imatrix tells the depth)."),
             slices: Optional[str] = SlicesOpt, config: Optional[str] = ConfigOpt, preset: Optional[str] = PresetOpt,
             model: Optional[list[str]] = ModelOpt,
-            output: Path = typer.Option(..., "-o", "--output", metavar="OUT", help="Output imatrix (same format as the input)."),
+            output: Path = typer.Option(..., "-o", "--output", metavar="OUT", help="Output imatrix (same format as the "
+                                                                                   "input)."),
             force: bool = typer.Option(False, "--force", help="Overwrite an existing output.")) -> None:
     """Carry an importance matrix over to the upscaled layer numbering (copies for duplicated layers).
 
@@ -677,9 +684,8 @@ def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", hid
         ims = parse_imatrix_options(imatrix_file, models)
         _check_imatrix_depth(layer_map_, ims)
     else:
-        res = resolve(source, slices=slices, config=config, preset=preset, model_opts=model)
-        _warn(res.recipe.warnings)
-        p = build_plan(res.recipe, res.models)
+        p = prepare(source, slices=slices, config=config, preset=preset, models=model, output=False,
+                    warn=_warn).plan
         layer_map_, models, embed, head_m = p.layer_map(), list(p.models), p.embed_model, p.head_model
         ims = parse_imatrix_options(imatrix_file, models)
     missing = [n for n in models if n not in ims]
@@ -740,8 +746,11 @@ def verify(file: str = typer.Argument(..., metavar="OUT.gguf", hidden=True),
                                                          help="Source GGUF it was made from (repeatable; default: "
                                                               "the recorded file names next to OUT or in the "
                                                               "current folder)."),
-           model: Optional[list[str]] = typer.Option(None, "--model", metavar="NAME=PATH", help="A model named in the recorded recipe (repeatable)."),
-           imatrix: Optional[list[str]] = typer.Option(None, "--imatrix", metavar="FILE", help="The importance matrix the output was quantized with (FILE or NAME=FILE, as given to run)."),
+           model: Optional[list[str]] = typer.Option(
+               None, "--model", metavar="NAME=PATH", help="A model named in the recorded recipe (repeatable)."),
+           imatrix: Optional[list[str]] = typer.Option(
+               None, "--imatrix", metavar="FILE",
+               help="The importance matrix the output was quantized with (FILE or NAME=FILE, as given to run)."),
            threads: Optional[int] = ThreadsOpt,
            as_json: bool = typer.Option(False, "--json", help="Machine-readable report on stdout.")) -> None:
     """Check every tensor of an upscaled GGUF against its sources and the recipe recorded in it.

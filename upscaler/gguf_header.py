@@ -21,13 +21,13 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf.constants import GGML_QUANT_SIZES, GGUF_MAGIC
 
-from .errors import SourceError
+from .errors import OutputError, SourceError, UpscaleError
 
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME_BYTES = 63  # GGML_MAX_NAME - 1: llama.cpp refuses longer tensor names
@@ -98,26 +98,59 @@ class Header:
     file_size: int
 
 
-class _Cursor:
-    """Bounds-checked little-endian reads from a memory map of the header."""
+class ByteCursor:
+    """Bounds-checked little-endian reads from a buffer (a memory map of a GGUF header, or of a whole
+    imatrix file): every claimed length is checked against the bytes left, and against `limit`,
+    before anything is read or allocated. Errors are `error`s naming the file."""
 
-    def __init__(self, buf: mmap.mmap, path: Path) -> None:
+    def __init__(self, buf: mmap.mmap | bytes, path: Path | str, *, limit: int | None = None,
+                 error: type[UpscaleError] = SourceError, noun: str = " header") -> None:
         self.buf = buf
         self.pos = 0
         self.size = len(buf)
-        self.limit = min(self.size, MAX_HEADER_BYTES)  # no header read goes past this
+        self.limit = min(self.size, MAX_HEADER_BYTES if limit is None else limit)  # no read goes past this
         self.items = 0  # array items read so far
         self.path = path
+        self.error = error
+        self.noun = noun
 
-    def fail(self, msg: str) -> SourceError:
-        return SourceError(f"{self.path}: {msg}")
+    def fail(self, msg: str) -> UpscaleError:
+        return self.error(f"{self.path}: {msg}")
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > self.size:
-            raise self.fail(f"truncated or corrupt header: {what} needs {n} bytes at offset {self.pos}, "
+            raise self.fail(f"truncated or corrupt{self.noun}: {what} needs {n} bytes at offset {self.pos}, "
                             f"file has {self.size}")
         if self.pos + n > self.limit:
             raise self.fail(f"header runs past {MAX_HEADER_BYTES >> 20} MiB at {what} (corrupt header?)")
+
+    def take(self, n: int, what: str) -> bytes:
+        self.need(n, what)
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return bytes(out)
+
+    def i32(self, what: str) -> int:
+        return self.scalar("<i", 4, what)
+
+    def i64(self, what: str) -> int:
+        return self.scalar("<q", 8, what)
+
+    def text(self, n: int, what: str) -> str:
+        """`n` bytes that must be UTF-8."""
+        raw = self.take(n, what)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} at offset {self.pos - n} is not valid UTF-8") from None
+
+    def floats(self, n: int, offset: int, what: str) -> np.ndarray:
+        """Copy `n` float32 values at `offset` out of the buffer (the mapping is closed later)."""
+        if n < 0 or offset < 0 or offset > self.size or 4 * n > self.size - offset:
+            raise self.fail(f"truncated or corrupt{self.noun}: {what} needs {4 * n} bytes at offset {offset}")
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        return np.frombuffer(self.buf, dtype="<f4", count=n, offset=offset).astype(np.float32, copy=True)
 
     def scalar(self, fmt: str, n: int, what: str) -> Any:
         self.need(n, what)
@@ -171,14 +204,14 @@ class _Cursor:
         return out
 
 
-def _value_type(cur: _Cursor, raw: int, key: str) -> GGUFValueType:
+def _value_type(cur: ByteCursor, raw: int, key: str) -> GGUFValueType:
     try:
         return GGUFValueType(raw)
     except ValueError:
         raise cur.fail(f"metadata key {_q(key)} has unknown value type {raw}") from None
 
 
-def _read_value(cur: _Cursor, vtype: GGUFValueType, key: str) -> tuple[Any, GGUFValueType | None]:
+def _read_value(cur: ByteCursor, vtype: GGUFValueType, key: str) -> tuple[Any, GGUFValueType | None]:
     if vtype in SCALAR_FORMATS:
         fmt, n = SCALAR_FORMATS[vtype]
         return cur.scalar(fmt, n, f"value of {_q(key)}"), None
@@ -220,7 +253,7 @@ def read_header(path: Path) -> Header:
                 raise SourceError(f"{path}: {size} bytes is too short to be a GGUF file"
                                   + (" (empty download?)" if size == 0 else ""))
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-                return _parse(_Cursor(buf, path))
+                return _parse(ByteCursor(buf, path))
     except IsADirectoryError:
         raise SourceError(f"{path}: is a folder, not a GGUF file") from None
     except OSError as e:
@@ -229,7 +262,7 @@ def read_header(path: Path) -> Header:
         raise SourceError(f"{path}: cannot read ({e})") from None
 
 
-def _parse(cur: _Cursor) -> Header:
+def _parse(cur: ByteCursor) -> Header:
     magic = cur.scalar("<I", 4, "magic")
     if magic != GGUF_MAGIC:
         raise cur.fail("not a GGUF file (bad magic); is it a safetensors or an HTML error page?")
@@ -304,10 +337,11 @@ def _parse(cur: _Cursor) -> Header:
             n_elems *= d
             if n_elems > cur.size * 64:
                 raise cur.fail(f"tensor {_q(name)} claims {shape} elements, far more than the file holds")
-        block, type_size = GGML_QUANT_SIZES[typ]
+        block = GGML_QUANT_SIZES[typ][0]
         if shape[0] % block:
-            raise cur.fail(f"tensor {_q(name)}: row length {shape[0]} is not a multiple of {typ.name}'s block size {block}")
-        n_bytes = n_elems // block * type_size
+            raise cur.fail(f"tensor {_q(name)}: row length {shape[0]} is not a multiple of "
+                           f"{typ.name}'s block size {block}")
+        n_bytes = tensor_nbytes(typ, shape)
         if offset != expected:
             raise cur.fail(f"tensor {_q(name)} data is at offset {offset}, expected {expected} "
                            "(llama.cpp requires contiguous, aligned tensor data)")
@@ -316,6 +350,99 @@ def _parse(cur: _Cursor) -> Header:
         tensors.append(RawTensorInfo(name, shape, typ, data_offset + offset, n_bytes))
         expected = offset + -(-n_bytes // alignment) * alignment
     return Header(version, kvs, tensors, alignment, data_offset, cur.size)
+
+
+# -- sizes and writing -------------------------------------------------------------------------
+# The one serializer of GGUF headers: the writer's output files, the quantizer's skeleton for
+# llama.cpp's dry run and GGUF imatrix files all go through these functions.
+
+GGUF_VERSION = 3  # what gguf.cpp writes; it reads 2 and 3
+
+
+def tensor_nbytes(ggml_type: int, shape: Sequence[int]) -> int:
+    """Bytes of a tensor of GGUF shape (ne0, ne1, ...) stored as `ggml_type` (ggml_nbytes for
+    contiguous data): whole blocks of ne0. The one tensor-size rule of the tool."""
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
+    if shape and shape[0] % block:
+        raise ValueError(f"rows of {shape[0]} elements cannot be stored as {GGMLQuantizationType(ggml_type).name} "
+                         f"(block size {block})")
+    n = 1
+    for d in shape:
+        n *= d
+    return n // block * type_size
+
+
+def padded(n: int, alignment: int) -> int:
+    """`n` rounded up to a multiple of `alignment`."""
+    return -(-n // alignment) * alignment
+
+
+class KeyValue(Protocol):
+    """A metadata entry with its exact GGUF type (source.KV and RawKV fit)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def value(self) -> Any: ...
+    @property
+    def vtype(self) -> GGUFValueType: ...
+    @property
+    def sub_type(self) -> GGUFValueType | None: ...
+
+
+def pack_string(v: str | bytes) -> bytes:
+    b = v.encode("utf-8") if isinstance(v, str) else v
+    return struct.pack("<Q", len(b)) + b
+
+
+def pack_kv(kv: KeyValue) -> bytes:
+    """Serialize one key/value exactly as typed (arrays keep their element type; empty arrays allowed)."""
+    out = [pack_string(kv.key), struct.pack("<I", kv.vtype)]
+    if kv.vtype == GGUFValueType.STRING:
+        out.append(pack_string(kv.value))
+    elif kv.vtype == GGUFValueType.ARRAY:
+        sub = kv.sub_type
+        if sub is None:
+            raise OutputError(f"metadata key {kv.key}: array without an element type")
+        out.append(struct.pack("<IQ", sub, len(kv.value)))
+        if sub == GGUFValueType.STRING:
+            out.extend(pack_string(v) for v in kv.value)
+        elif sub == GGUFValueType.BOOL:
+            out.append(bytes(1 if v else 0 for v in kv.value))
+        elif sub in NUMPY_DTYPES:
+            out.append(np.asarray(kv.value, dtype=NUMPY_DTYPES[sub]).tobytes())
+        else:
+            raise OutputError(f"metadata key {kv.key}: nested arrays are not supported")
+    elif kv.vtype in SCALAR_FORMATS:
+        fmt, _ = SCALAR_FORMATS[kv.vtype]
+        out.append(struct.pack(fmt, kv.value))
+    else:
+        raise OutputError(f"metadata key {kv.key}: unknown value type {kv.vtype}")
+    return b"".join(out)
+
+
+def pack_tensor_info(name: str, shape: Sequence[int], ggml_type: int, offset: int) -> bytes:
+    """One tensor info: name, dimensions (ne0 first), ggml type, data offset."""
+    return (pack_string(name) + struct.pack(f"<I{len(shape)}Q", len(shape), *shape)
+            + struct.pack("<IQ", ggml_type, offset))
+
+
+def pack_header(kvs: Sequence[KeyValue | bytes], tensors: Sequence[tuple[str, Sequence[int], int, int]],
+                alignment: int) -> tuple[bytes, list[int]]:
+    """Magic, version, counts, key/values and tensor infos, unpadded; and each tensor's data offset.
+
+    `kvs` items are entries to serialize, or bytes already serialized (kept verbatim); `tensors`
+    are (name, shape ne0 first, ggml type, byte size), laid out contiguously, each padded to
+    `alignment` as gguf.cpp requires."""
+    parts = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(kvs))]
+    parts += [kv if isinstance(kv, bytes) else pack_kv(kv) for kv in kvs]
+    offsets = []
+    offset = 0
+    for name, shape, typ, n_bytes in tensors:
+        parts.append(pack_tensor_info(name, shape, typ, offset))
+        offsets.append(offset)
+        offset += padded(n_bytes, alignment)
+    return b"".join(parts), offsets
 
 
 # -- the keys gguf-upscale interprets ----------------------------------------------------------
@@ -355,7 +482,8 @@ def _value_ok(kv: RawKV, rule: str) -> bool:
     return rule == "array"
 
 
-_RULE_TEXT = {"string": "a UTF-8 string", "count": "a non-negative integer", "counts": "an array of non-negative integers",
+_RULE_TEXT = {"string": "a UTF-8 string", "count": "a non-negative integer",
+              "counts": "an array of non-negative integers",
               "count|counts": "a non-negative integer or an array of them", "strings": "an array of UTF-8 strings",
               "array": "an array"}
 

@@ -28,16 +28,27 @@ import logging
 import mmap
 import os
 import re
-import secrets
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Union
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
+from .atomic import atomic_write
 from .errors import ImatrixError
+from .gguf_header import (
+    MAX_DIMS,
+    MAX_NAME_BYTES,
+    SCALAR_FORMATS,
+    ByteCursor,
+    RawKV,
+    pack_header,
+    pack_string,
+    padded,
+    tensor_nbytes,
+)
 
 __all__ = [
     "LegacyEntry",
@@ -55,13 +66,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 Format = Literal["dat", "gguf"]
-MetadataValue = tuple[GGUFValueType, Union[str, int]]
+MetadataValue = tuple[GGUFValueType, str | int]
 
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSION = 3  # what gguf.cpp writes; it reads 2 and 3
-GGUF_DEFAULT_ALIGNMENT = 32
-GGML_MAX_NAME = 64  # gguf.cpp rejects tensor names of this many bytes or more
-GGML_MAX_DIMS = 4
+GGML_MAX_NAME = MAX_NAME_BYTES + 1  # gguf.cpp rejects tensor names of this many bytes or more
+GGML_MAX_DIMS = MAX_DIMS
 
 KEY_GENERAL_TYPE = "general.type"
 KEY_ALIGNMENT = "general.alignment"
@@ -79,19 +87,6 @@ KEY_QUANTIZE_N_ENTRIES = "quantize.imatrix.entries_count"
 KEY_QUANTIZE_N_CHUNKS = "quantize.imatrix.chunks_count"
 _KV_OVERRIDE_STR_MAX = 127  # llama_model_kv_override.val_str is char[128], filled with strncpy(.., 127)
 
-_SCALAR_SIZES = {
-    GGUFValueType.UINT8: 1,
-    GGUFValueType.INT8: 1,
-    GGUFValueType.UINT16: 2,
-    GGUFValueType.INT16: 2,
-    GGUFValueType.UINT32: 4,
-    GGUFValueType.INT32: 4,
-    GGUFValueType.FLOAT32: 4,
-    GGUFValueType.BOOL: 1,
-    GGUFValueType.UINT64: 8,
-    GGUFValueType.INT64: 8,
-    GGUFValueType.FLOAT64: 8,
-}
 # Smallest encodings, used to reject claimed counts the file cannot possibly hold.
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, type, smallest value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, n_dims, type, offset
@@ -147,7 +142,7 @@ class GgufEntry:
         return int(self.in_sum2.size)
 
 
-Entry = Union[LegacyEntry, GgufEntry]
+Entry = LegacyEntry | GgufEntry
 
 
 @dataclass
@@ -175,67 +170,13 @@ class ImatrixData:
 # --------------------------------------------------------------------------- loading
 
 
-class _Cursor:
-    """Bounds-checked little-endian reads over a buffer; every claimed length is checked first."""
+def _cursor(buf: mmap.mmap | bytes, path: str) -> ByteCursor:
+    """gguf_header's bounds-checked reader over the whole file, failing with ImatrixErrors."""
+    return ByteCursor(buf, path, limit=len(buf), error=ImatrixError, noun="")
 
-    def __init__(self, buf: mmap.mmap | bytes, path: str) -> None:
-        self.buf = buf
-        self.size = len(buf)
-        self.pos = 0
-        self.path = path
 
-    def fail(self, what: str) -> ImatrixError:
-        return ImatrixError(f"{self.path}: {what}")
-
-    def require(self, n: int, what: str) -> None:
-        if n < 0 or n > self.size - self.pos:
-            raise self.fail(
-                f"truncated or corrupt: {what} needs {n} bytes at offset {self.pos}, "
-                f"only {self.size - self.pos} left"
-            )
-
-    def take(self, n: int, what: str) -> bytes:
-        self.require(n, what)
-        out = self.buf[self.pos : self.pos + n]
-        self.pos += n
-        return bytes(out)
-
-    def unpack(self, fmt: str, what: str) -> int:
-        n = struct.calcsize(fmt)
-        self.require(n, what)
-        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
-        self.pos += n
-        return value
-
-    def i32(self, what: str) -> int:
-        return self.unpack("<i", what)
-
-    def u32(self, what: str) -> int:
-        return self.unpack("<I", what)
-
-    def i64(self, what: str) -> int:
-        return self.unpack("<q", what)
-
-    def u64(self, what: str) -> int:
-        return self.unpack("<Q", what)
-
-    def text(self, n: int, what: str) -> str:
-        raw = self.take(n, what)
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.fail(f"{what} at offset {self.pos - n} is not valid UTF-8") from None
-
-    def gguf_string(self, what: str) -> str:
-        return self.text(self.u64(f"length of {what}"), what)
-
-    def floats(self, n: int, offset: int, what: str) -> np.ndarray:
-        """Copy ``n`` float32 values at ``offset`` out of the buffer (the mapping is closed later)."""
-        if n < 0 or offset < 0 or offset > self.size or 4 * n > self.size - offset:
-            raise self.fail(f"truncated or corrupt: {what} needs {4 * n} bytes at offset {offset}")
-        if n == 0:
-            return np.zeros(0, dtype=np.float32)
-        return np.frombuffer(self.buf, dtype="<f4", count=n, offset=offset).astype(np.float32, copy=True)
+def _gguf_string(cur: ByteCursor, what: str) -> str:
+    return cur.text(cur.u64(f"length of {what}"), what)
 
 
 def load_imatrix(path: str | os.PathLike[str]) -> ImatrixData:
@@ -254,8 +195,8 @@ def load_imatrix(path: str | os.PathLike[str]) -> ImatrixData:
     except OSError as e:
         raise ImatrixError(f"{name}: cannot read imatrix: {e.strerror or e}") from None
     try:
-        cur = _Cursor(buf, name)
-        if buf[:4] == GGUF_MAGIC:
+        cur = _cursor(buf, name)
+        if buf[:4] == struct.pack("<I", GGUF_MAGIC):
             return _load_gguf(cur)
         return _load_legacy(cur)
     finally:
@@ -265,12 +206,12 @@ def load_imatrix(path: str | os.PathLike[str]) -> ImatrixData:
             pass
 
 
-def _load_legacy(cur: _Cursor) -> ImatrixData:
+def _load_legacy(cur: ByteCursor) -> ImatrixData:
     """Parse the layout of imatrix.cpp's save_imatrix_legacy; stricter than llama.cpp about the trailer."""
     n_entries = cur.i32("entry count")
     if n_entries < 1:
         raise cur.fail(f"not an imatrix file (legacy entry count {n_entries})")
-    cur.require(n_entries * _MIN_LEGACY_ENTRY_BYTES, f"{n_entries} entries")
+    cur.need(n_entries * _MIN_LEGACY_ENTRY_BYTES, f"{n_entries} entries")
     entries: dict[str, Entry] = {}
     for i in range(n_entries):
         n = cur.i32(f"name length of entry {i}")
@@ -304,19 +245,19 @@ def _load_legacy(cur: _Cursor) -> ImatrixData:
     return ImatrixData("dat", entries, datasets, chunk_count, None)
 
 
-def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
+def _skip_value(cur: ByteCursor, vtype: int, key: str) -> None:
     """Advance over one GGUF value of type ``vtype`` (arrays of arrays are invalid, as in gguf.cpp)."""
-    if vtype in _SCALAR_SIZES:
-        cur.take(_SCALAR_SIZES[GGUFValueType(vtype)], f"value of '{key}'")
+    if vtype in SCALAR_FORMATS:
+        cur.take(SCALAR_FORMATS[GGUFValueType(vtype)][1], f"value of '{key}'")
     elif vtype == GGUFValueType.STRING:
         cur.take(cur.u64(f"length of '{key}'"), f"value of '{key}'")
     elif vtype == GGUFValueType.ARRAY:
         sub = cur.u32(f"array type of '{key}'")
         n = cur.u64(f"array length of '{key}'")
-        if sub in _SCALAR_SIZES:
-            cur.take(n * _SCALAR_SIZES[GGUFValueType(sub)], f"array '{key}'")
+        if sub in SCALAR_FORMATS:
+            cur.take(n * SCALAR_FORMATS[GGUFValueType(sub)][1], f"array '{key}'")
         elif sub == GGUFValueType.STRING:
-            cur.require(n * 8, f"array '{key}'")
+            cur.need(n * 8, f"array '{key}'")
             for _ in range(n):
                 cur.take(cur.u64(f"string in '{key}'"), f"string in '{key}'")
         else:
@@ -325,13 +266,13 @@ def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
         raise cur.fail(f"corrupt: key '{key}' has invalid GGUF type {vtype}")
 
 
-def _read_u32_kv(cur: _Cursor, key: str, vtype: int) -> int:
+def _read_u32_kv(cur: ByteCursor, key: str, vtype: int) -> int:
     if vtype != GGUFValueType.UINT32:  # gguf_get_val_u32 asserts on anything else
         raise cur.fail(f"key '{key}' must be UINT32, is GGUF type {vtype}")
     return cur.u32(f"value of '{key}'")
 
 
-def _load_gguf(cur: _Cursor) -> ImatrixData:
+def _load_gguf(cur: ByteCursor) -> ImatrixData:
     """Parse a GGUF imatrix with gguf.cpp's checks, then pair ``.in_sum2``/``.counts`` like imatrix-loader.cpp."""
     cur.take(4, "magic")
     version = cur.u32("version")
@@ -343,7 +284,7 @@ def _load_gguf(cur: _Cursor) -> ImatrixData:
     n_kv = cur.i64("key-value count")
     if n_tensors < 0 or n_kv < 0:
         raise cur.fail(f"corrupt header ({n_tensors} tensors, {n_kv} key-value pairs)")
-    cur.require(n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES, "the header")
+    cur.need(n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES, "the header")
 
     datasets: list[str] = []
     chunk_count: int | None = None
@@ -351,7 +292,7 @@ def _load_gguf(cur: _Cursor) -> ImatrixData:
     extra: dict[str, bytes] = {}
     seen: set[str] = set()
     for i in range(n_kv):
-        key = cur.gguf_string(f"key {i}")
+        key = _gguf_string(cur, f"key {i}")
         if not key or key in seen:
             raise cur.fail(f"corrupt: key {i} is empty or repeated ('{key}')")
         seen.add(key)
@@ -360,15 +301,15 @@ def _load_gguf(cur: _Cursor) -> ImatrixData:
         if key == KEY_GENERAL_TYPE:
             if vtype != GGUFValueType.STRING:
                 raise cur.fail(f"key '{key}' must be a string")
-            kind = cur.gguf_string(f"value of '{key}'")
+            kind = _gguf_string(cur, f"value of '{key}'")
             if kind != "imatrix":
                 raise cur.fail(f"not an imatrix (GGUF general.type is '{kind}')")
         elif key == KEY_DATASETS:
             if vtype != GGUFValueType.ARRAY or cur.u32(f"array type of '{key}'") != GGUFValueType.STRING:
                 raise cur.fail(f"key '{key}' must be an array of strings")
             n = cur.u64(f"length of '{key}'")
-            cur.require(n * 8, f"'{key}'")
-            datasets = [cur.gguf_string(f"dataset {j}") for j in range(n)]
+            cur.need(n * 8, f"'{key}'")
+            datasets = [_gguf_string(cur, f"dataset {j}") for j in range(n)]
         elif key == KEY_CHUNK_COUNT:
             chunk_count = _read_u32_kv(cur, key, vtype)
         elif key == KEY_CHUNK_SIZE:
@@ -376,7 +317,7 @@ def _load_gguf(cur: _Cursor) -> ImatrixData:
         else:
             _skip_value(cur, vtype, key)
             extra[key] = bytes(cur.buf[start : cur.pos])
-    alignment = _alignment(extra, cur.path)
+    alignment = _alignment(extra, str(cur.path))
 
     infos: list[tuple[str, tuple[int, ...], int, int]] = []  # name, numpy shape, ggml type, offset
     names: set[str] = set()
@@ -397,14 +338,14 @@ def _load_gguf(cur: _Cursor) -> ImatrixData:
         ttype = cur.i32(f"type of '{tname}'")
         infos.append((tname, tuple(reversed(ne)), ttype, cur.u64(f"offset of '{tname}'")))
 
-    data_start = _pad(cur.pos, alignment) if infos else cur.pos
+    data_start = padded(cur.pos, alignment) if infos else cur.pos
     expected = 0
     for tname, shape, ttype, offset in infos:
         if offset != expected:
             raise cur.fail(f"corrupt: tensor '{tname}' at data offset {offset}, expected {expected}")
-        expected += _pad(_tensor_nbytes(cur, tname, shape, ttype), alignment)
+        expected += padded(_tensor_nbytes(cur, tname, shape, ttype), alignment)
     cur.pos = min(data_start, cur.size)
-    cur.require(data_start - cur.pos + expected, "tensor data")
+    cur.need(data_start - cur.pos + expected, "tensor data")
 
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for tname, shape, ttype, offset in infos:
@@ -433,15 +374,14 @@ def _load_gguf(cur: _Cursor) -> ImatrixData:
     return ImatrixData("gguf", entries, datasets, chunk_count, chunk_size, extra)
 
 
-def _tensor_nbytes(cur: _Cursor, tname: str, shape: tuple[int, ...], ttype: int) -> int:
+def _tensor_nbytes(cur: ByteCursor, tname: str, shape: tuple[int, ...], ttype: int) -> int:
     try:
-        block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        block = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)][0]
     except (ValueError, KeyError):
         raise cur.fail(f"corrupt: tensor '{tname}' has unknown ggml type {ttype}") from None
-    nelements = int(np.prod(shape, dtype=object)) if shape else 1
     if shape and shape[-1] % block:
         raise cur.fail(f"corrupt: tensor '{tname}' row of {shape[-1]} is not a multiple of {block}")
-    return nelements // block * type_size
+    return tensor_nbytes(ttype, tuple(reversed(shape)))
 
 
 def _type_name(ttype: int) -> str:
@@ -478,17 +418,8 @@ def _gguf_entry_problem(e: GgufEntry) -> str | None:
 # --------------------------------------------------------------------------- saving
 
 
-def _pad(n: int, alignment: int) -> int:
-    return (n + alignment - 1) // alignment * alignment
-
-
-def _gguf_str(s: str) -> bytes:
-    raw = s.encode("utf-8")
-    return struct.pack("<Q", len(raw)) + raw
-
-
 def _le_f32(arr: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(arr, dtype="<f4")).cast("B")
+    return np.ascontiguousarray(arr, dtype="<f4").data.cast("B")
 
 
 def _legacy_chunks(data: ImatrixData, where: str) -> Iterator[bytes | memoryview]:
@@ -524,24 +455,19 @@ def _gguf_chunks(data: ImatrixData, where: str) -> Iterator[bytes | memoryview]:
     if clash:
         raise ImatrixError(f"{where}: extra_kv must not contain {clash}; use the ImatrixData fields")
     alignment = _alignment(data.extra_kv, where)
-    t_str, t_u32, t_arr = (struct.pack("<I", t) for t in (GGUFValueType.STRING, GGUFValueType.UINT32,
-                                                          GGUFValueType.ARRAY))
-
-    kv = [_gguf_str(KEY_GENERAL_TYPE) + t_str + _gguf_str("imatrix")]
-    kv.append(
-        _gguf_str(KEY_DATASETS) + t_arr + t_str + struct.pack("<Q", len(data.datasets))
-        + b"".join(_gguf_str(d) for d in data.datasets)
-    )
+    kv: list[RawKV | bytes] = [
+        RawKV(KEY_GENERAL_TYPE, "imatrix", GGUFValueType.STRING, None),
+        RawKV(KEY_DATASETS, list(data.datasets), GGUFValueType.ARRAY, GGUFValueType.STRING),
+    ]
     for key, value in ((KEY_CHUNK_COUNT, data.chunk_count), (KEY_CHUNK_SIZE, data.chunk_size)):
         if value is not None:
             if not 0 <= value < 2**32:
                 raise ImatrixError(f"{where}: {key} {value} does not fit UINT32")
-            kv.append(_gguf_str(key) + t_u32 + struct.pack("<I", value))
-    kv.extend(_gguf_str(key) + raw for key, raw in data.extra_kv.items())
+            kv.append(RawKV(key, value, GGUFValueType.UINT32, None))
+    kv.extend(pack_string(key) + raw for key, raw in data.extra_kv.items())
 
     tensors: list[np.ndarray] = []
-    infos: list[bytes] = []
-    offset = 0
+    infos: list[tuple[str, tuple[int, ...], int, int]] = []
     for name, e in data.entries.items():
         if not isinstance(e, GgufEntry):
             raise ImatrixError(f"{where}: entry '{name}' is not a GGUF imatrix entry")
@@ -556,16 +482,15 @@ def _gguf_chunks(data: ImatrixData, where: str) -> Iterator[bytes | memoryview]:
                 )
             if arr.ndim > GGML_MAX_DIMS:
                 raise ImatrixError(f"{where}: entry '{name}' has a {arr.ndim}-D array (GGUF allows {GGML_MAX_DIMS})")
-            ne = b"".join(struct.pack("<q", d) for d in reversed(arr.shape))
-            infos.append(_gguf_str(tname) + struct.pack("<I", arr.ndim) + ne + struct.pack("<iQ", 0, offset))
-            offset += _pad(4 * arr.size, alignment)
+            shape = tuple(reversed(arr.shape))  # ggml ne order
+            infos.append((tname, shape, GGMLQuantizationType.F32, tensor_nbytes(GGMLQuantizationType.F32, shape)))
             tensors.append(arr)
 
-    head = b"".join([GGUF_MAGIC, struct.pack("<Iqq", GGUF_VERSION, len(tensors), len(kv)), *kv, *infos])
-    yield head + bytes(_pad(len(head), alignment) - len(head))
+    head, _ = pack_header(kv, infos, alignment)
+    yield head + bytes(padded(len(head), alignment) - len(head))
     for arr in tensors:
         yield _le_f32(arr)
-        yield bytes(_pad(4 * arr.size, alignment) - 4 * arr.size)
+        yield bytes(padded(4 * arr.size, alignment) - 4 * arr.size)
 
 
 def save_imatrix(data: ImatrixData, path: str | os.PathLike[str]) -> None:
@@ -573,7 +498,8 @@ def save_imatrix(data: ImatrixData, path: str | os.PathLike[str]) -> None:
 
     Entries are written in dict order (files loaded from llama.cpp are already sorted, and
     :func:`remap_imatrix` sorts like llama.cpp), so a loaded file saves back byte-identical.
-    The bytes go to a temporary file beside ``path`` that is renamed over it only when complete.
+    The bytes go to a temporary file beside ``path`` that is renamed over it only when complete
+    (:func:`upscaler.atomic.atomic_write`).
     """
     dest = Path(path)
     where = os.fspath(path)
@@ -583,38 +509,10 @@ def save_imatrix(data: ImatrixData, path: str | os.PathLike[str]) -> None:
         chunks = _gguf_chunks(data, where)
     else:
         raise ImatrixError(f"{where}: unknown imatrix format {data.format!r}")
-    _atomic_write(dest, chunks, where)
-
-
-def _atomic_write(dest: Path, chunks: Iterable[bytes | memoryview], where: str) -> None:
-    """Stream chunks into a sibling temp file, fsync, then rename: readers never see a partial file."""
-    tmp: Path | None = None
     try:
-        for _ in range(100):
-            candidate = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-            try:  # O_EXCL: never clobber; mode 0o666 lets the umask decide, like any new file
-                fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            except FileExistsError:
-                continue
-            tmp = candidate
-            break
-        else:
-            raise ImatrixError(f"{where}: cannot create a temporary file beside it")
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        tmp = None
+        atomic_write(dest, chunks)
     except OSError as e:
         raise ImatrixError(f"{where}: cannot write imatrix: {e.strerror or e}") from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
 
 
 # --------------------------------------------------------------------------- remapping
@@ -693,11 +591,11 @@ def remap_imatrix(
         n for m in used for n in per_model[m].entries if _BLK_RE.match(n) is None
     )
     for name in non_block_names:
-        m = non_block_model.get(name) or non_block_model.get(name.split(".", 1)[0])
-        m = m or _default_non_block_model(name, first, last)
-        e = per_model[m].entries.get(name)
-        if e is not None:
-            out[name] = replace(e)
+        src = non_block_model.get(name) or non_block_model.get(name.split(".", 1)[0])
+        src = src or _default_non_block_model(name, first, last)
+        found_entry = per_model[src].entries.get(name)
+        if found_entry is not None:
+            out[name] = replace(found_entry)
 
     sources = [per_model[m] for m in used]
     if len(sources) == 1:

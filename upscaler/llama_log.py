@@ -138,7 +138,8 @@ def capture() -> Iterator[list[str]]:
 # several lines ("gguf_init_from_file_impl: invalid magic ...", then "llama_model_load:
 # error loading model: ...", then "... failed to load model"); the earliest specific one wins.
 _GENERIC = re.compile(r"failed to load model\s*$|failed to initialize the context|^\s*$", re.IGNORECASE)
-_ERRORISH = re.compile(r"error|failed|invalid|cannot|unable|unknown|not supported|missing|wrong|out of memory", re.IGNORECASE)
+_ERRORISH = re.compile(r"error|failed|invalid|cannot|unable|unknown|not supported|missing|wrong|out of memory",
+                       re.IGNORECASE)
 # llama.cpp's informational dump of the file: key/values, type counts, model facts
 _DUMP = re.compile(r"^\s*(?:llama_model_loader: - |print_info: |llama_model_loader: Dumping)")
 _PREFIX = re.compile(r"^(?:[\w:.~<>]+: )+")  # "llama_model_load: error loading model: " style prefixes

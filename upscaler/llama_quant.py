@@ -16,7 +16,6 @@ from __future__ import annotations
 import ctypes
 import os
 import re
-import struct
 import tempfile
 from dataclasses import dataclass, field
 from functools import cache
@@ -24,10 +23,11 @@ from pathlib import Path
 from typing import Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
-from gguf import GGUF_DEFAULT_ALIGNMENT, GGUF_VERSION
+from gguf import GGUF_DEFAULT_ALIGNMENT, Keys
 
 from . import ggml, llama_log
 from .errors import QuantizeError
+from .gguf_header import pack_header, padded, tensor_nbytes
 from .llama_limits import load_problem
 from .quant_types import QuantType, parse_quant_type
 from .source import KV
@@ -179,9 +179,9 @@ class _Params:
             arr = (ll.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed terminator
             for i, (name, values) in enumerate(imatrix.items()):
                 v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-                key = name.encode()
-                self._keep += [v, key]
-                arr[i].name = key
+                raw_name = name.encode()
+                self._keep += [v, raw_name]
+                arr[i].name = raw_name
                 arr[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
                 arr[i].size = v.size
             self._keep.append(arr)
@@ -283,36 +283,17 @@ def _run(inp: Path, out: Path, params: _Params, subject: str) -> QuantizeReport:
 # --------------------------------------------------------------------------- target types
 
 
-def tensor_nbytes(ggml_type: int, shape: Sequence[int]) -> int:
-    """Bytes of a tensor of GGUF shape (ne0, ne1, ...) stored as `ggml_type`."""
-    n = ggml.row_size(ggml_type, shape[0])
-    for d in shape[1:]:
-        n *= d
-    return n
-
-
-def _pad(n: int, alignment: int) -> int:
-    return -(-n // alignment) * alignment
-
-
 def _write_skeleton(path: Path, tensors: Sequence[TensorInfo], kvs: Iterable[KV]) -> None:
     """A GGUF with the real header and a sparse, all-zero data area (llama.cpp only checks its bounds)."""
-    from .writer import pack_kv  # the one header serializer; imported here to keep module loading light
     kv_list = [kv for kv in kvs if not kv.key.startswith("split.")]
-    alignment = next((int(kv.value) for kv in kv_list if kv.key == "general.alignment"), GGUF_DEFAULT_ALIGNMENT)
-    parts = [struct.pack("<4sIQQ", b"GGUF", GGUF_VERSION, len(tensors), len(kv_list))]
-    parts += [pack_kv(kv) for kv in kv_list]
-    offset = 0
-    for t in tensors:
-        name = t.name.encode()
-        parts += [struct.pack("<Q", len(name)), name,
-                  struct.pack(f"<I{len(t.shape)}QIQ", len(t.shape), *t.shape, t.ggml_type, offset)]
-        offset += _pad(tensor_nbytes(t.ggml_type, t.shape), alignment)
-    header = b"".join(parts)
+    alignment = next((int(kv.value) for kv in kv_list if kv.key == Keys.General.ALIGNMENT), GGUF_DEFAULT_ALIGNMENT)
+    infos = [(t.name, t.shape, int(t.ggml_type), tensor_nbytes(t.ggml_type, t.shape)) for t in tensors]
+    header, _ = pack_header(kv_list, infos, alignment)
+    data = sum(padded(n, alignment) for *_, n in infos)
     try:
         with open(path, "wb") as f:
             f.write(header)
-            f.truncate(_pad(len(header), alignment) + offset)
+            f.truncate(padded(len(header), alignment) + data)
     except OSError as e:  # full temp disk, file size limit: the dry run needs a (sparse) model-sized file
         raise QuantizeError(f"{path.parent}: cannot write the header-only model llama.cpp's dry run reads "
                             f"({e.strerror or e}); set TMPDIR to a folder on another filesystem") from None

@@ -43,8 +43,7 @@ def _per_layer_value(models: dict[str, SourceModel], plan: Plan, key: str) -> KV
         return None
     proto = next((kv for kv in present if kv.vtype == T.ARRAY), present[0])
     if proto.vtype != T.ARRAY:
-        values = {repr(kv.value) for kv in present}
-        if len(values) == 1:
+        if len({repr(kv.value) for kv in present}) == 1:
             return proto
     values = []
     for layer in plan.layers:
@@ -54,7 +53,8 @@ def _per_layer_value(models: dict[str, SourceModel], plan: Plan, key: str) -> KV
             raise RecipeError(f"model {layer.model!r} has no {key} while another model has it")
         if kv.vtype == T.ARRAY:
             if len(kv.value) != m.block_count:
-                raise RecipeError(f"model {layer.model!r}: {key} has {len(kv.value)} entries for {m.block_count} layers")
+                raise RecipeError(f"model {layer.model!r}: {key} has {len(kv.value)} entries for {m.block_count} "
+                                  "layers")
             values.append(kv.value[layer.source_layer])
         else:
             values.append(kv.value)
@@ -82,7 +82,7 @@ def _swa_value(models: dict[str, SourceModel], plan: Plan) -> KV | None:
                           f"({arch}.{archs.SWA_WINDOW_KEY})")
     arrays = [m.kvs[key] for m in models.values() if key in m.kvs and m.kvs[key].vtype == T.ARRAY]
     sub = arrays[0].sub_type if arrays else T.BOOL
-    values = [kinds[l.model][l.source_layer] for l in plan.layers]
+    values: list[Any] = [kinds[l.model][l.source_layer] for l in plan.layers]  # type: ignore[index]  # None: refused above
     if sub != T.BOOL:
         values = [int(v) for v in values]
     return KV(key, values, T.ARRAY, sub)
@@ -123,7 +123,8 @@ def output_param_count(models: dict[str, SourceModel], plan: Plan) -> int:
     return n
 
 
-def build_metadata(models: dict[str, SourceModel], plan: Plan, *, name: str | None = None) -> tuple[list[KV], list[str]]:
+def build_metadata(models: dict[str, SourceModel], plan: Plan, *,
+                   name: str | None = None) -> tuple[list[KV], list[str]]:
     """The output's key/value list (in the first model's order) and any warnings."""
     arch = plan.arch
     notes = _check_positional(models, plan)
@@ -139,9 +140,9 @@ def build_metadata(models: dict[str, SourceModel], plan: Plan, *, name: str | No
     swa = None if plan.is_identity() else _swa_value(models, plan)
     for suffix in archs.PER_LAYER_KEYS:
         key = f"{arch}.{suffix}"
-        kv = swa if swa is not None and key == swa.key else _per_layer_value(models, plan, key)
-        if kv is not None:
-            out[kv.key] = kv
+        per_layer = swa if swa is not None and key == swa.key else _per_layer_value(models, plan, key)
+        if per_layer is not None:
+            out[per_layer.key] = per_layer
 
     n_params = output_param_count(models, plan)
     label = gguf_size_label(n_params, n_params, 0, 0)
@@ -179,7 +180,8 @@ def _lineage(models: dict[str, SourceModel], plan: Plan) -> list[KV]:
         m = models[mname]
         shard = SHARD_RE.match(m.path.name)
         fields = {  # the keys gguf-py's Metadata writes for a base model
-            "name": m.get("general.name") or m.get("general.basename") or (shard.group("stem") if shard else m.path.stem),
+            "name": (m.get("general.name") or m.get("general.basename")
+                     or (shard.group("stem") if shard else m.path.stem)),
             "author": m.get("general.author"),
             "version": m.get("general.version"),
             "organization": m.get("general.organization"),

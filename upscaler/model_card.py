@@ -22,7 +22,6 @@ import json
 import os
 import re
 import shlex
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,13 +29,15 @@ from typing import Any, Iterable
 import yaml
 
 from . import __version__
-from .errors import OutputError, RecipeError, UpscaleError
+from .atomic import atomic_write
+from .errors import OutputError, UpscaleError
 from .metadata import base_models, recorded_lineage
+from .plan import Plan
 from .report import human_bytes, human_count
 from .source import SHARD_RE, SourceModel
 
-__all__ = ["CARD_NAME", "card_is_stale", "card_owner", "card_path", "check_card_writable", "render_model_card", "repo_id_from_url",
-           "write_model_card"]
+__all__ = ["CARD_NAME", "card_is_stale", "card_owner", "card_path", "check_card_writable", "render_model_card",
+           "repo_id_from_url", "write_model_card"]
 
 CARD_NAME = "README.md"
 TOOL = "gguf-upscale"
@@ -242,7 +243,7 @@ def _license_front_matter(srcs: list[_Source]) -> tuple[dict[str, str], str]:
     """(front-matter license fields, state) with state one of known / unknown / mixed."""
     if any(s.license is None for s in srcs):
         return {"license": "unknown"}, "unknown"
-    distinct = list(dict.fromkeys(s.license for s in srcs))  # type: ignore[misc]
+    distinct = list(dict.fromkeys(s.license or "" for s in srcs))
     if len(distinct) > 1:
         return {"license": "other", "license_name": "-and-".join(_slug(x) for x in distinct)}, "mixed"
     lic = distinct[0] or ""
@@ -268,14 +269,15 @@ def _pipeline_tag(srcs: list[_Source]) -> str:
 
 def render_model_card(output_paths: list[Path], *, sources: dict[str, SourceModel], recipe_yaml: str | None,
                       smoke: dict[str, Any] | None = None, quant_type: str | None = None,
-                      command_line: str | None = None) -> str:
+                      command_line: str | None = None, plan: Plan | None = None) -> str:
     """The README.md for the written output (`output_paths`: its file or shards, first shard first).
 
     `sources`: recipe model name -> opened source model, in the plan's order. `recipe_yaml`: the
     recipe as recorded (the output's `upscale.recipe` is used when None). `smoke`:
     `SmokeReport.to_dict()` or None. `quant_type`: the llama-quantize type the output was made
     with (else read from `general.file_type`). `command_line`: how it was made, shown as given
-    except that absolute paths are shortened to file names.
+    except that absolute paths are shortened to file names. `plan`: the plan the output was made
+    from (the layer map's scale notes come from it; none without it).
     """
     if not output_paths:
         raise UpscaleError("model card: no output files given")
@@ -308,7 +310,7 @@ def render_model_card(output_paths: list[Path], *, sources: dict[str, SourceMode
         f"# {_md(title)}",
         _description(title, srcs, lineage, _slice_count(recipe_text, lineage), out.n_params, size_label, qtype,
                      total_bytes, len(files)),
-        _merge_details(srcs, recipe_text, lineage, sources),
+        _merge_details(srcs, recipe_text, lineage, plan),
         _files_section(out, files, qtype),
     ]
     if smoke:
@@ -369,7 +371,8 @@ def _front_matter(srcs: list[_Source], fm_license: dict[str, str], license_state
     missing = [s for s in srcs if not s.repo_id]
     if missing:
         notes.append("# base_model: no Hugging Face repo id is recorded in the source GGUF for "
-                     + ", ".join(s.title for s in missing) + "; add it here (e.g. org/model) so the Hub shows the lineage")
+                     + ", ".join(s.title for s in missing) + "; add it here (e.g. org/model) so the Hub shows the "
+                                                             "lineage")
     if license_state == "unknown":
         notes.append("# license: the source GGUF records no license; check the base model's license and set it here")
     return "---\n" + body + "".join(n.replace("\n", " ") + "\n" for n in notes) + "---"
@@ -444,21 +447,15 @@ def _runs(layers: list[tuple[str, int]]) -> list[tuple[int, int, str, int, int]]
     return out
 
 
-def _scales_by_layer(recipe_text: str, sources: dict[str, SourceModel], lineage: dict[str, Any]) -> dict[int, str]:
-    """Output layer -> 'attn_output ×0, ffn_down ×0' from the recipe's parameters (only if it replans identically)."""
-    try:
-        from .plan import build_plan
-        from .recipe import parse_yaml_text
-        plan = build_plan(parse_yaml_text(recipe_text, "recorded recipe"), sources)
-    except (UpscaleError, RecipeError, KeyError, ValueError):
-        return {}
-    if [(l.model, l.source_layer) for l in plan.layers] != [tuple(x) for x in lineage["layers"]]:
+def _scales_by_layer(plan: Plan | None, lineage: dict[str, Any]) -> dict[int, str]:
+    """Output layer -> 'attn_output ×0, ffn_down ×0' from the plan the output was made with (none
+    without a plan, or when the plan's layer map is not the recorded one)."""
+    if plan is None or plan.layer_map() != [tuple(x) for x in lineage["layers"]]:
         return {}
     return {l.index: ", ".join(f"{s} ×{f:g}" for s, f in l.scales) for l in plan.layers if l.scales}
 
 
-def _merge_details(srcs: list[_Source], recipe_text: str, lineage: dict[str, Any],
-                   sources: dict[str, SourceModel]) -> str:
+def _merge_details(srcs: list[_Source], recipe_text: str, lineage: dict[str, Any], plan: Plan | None) -> str:
     out = ["## Merge details", "", "### Merge method", "",
            "This model was merged using the passthrough merge method: output layers are copies of source "
            "layers, in the order the recipe lists them. The token embeddings come from the first slice's model "
@@ -497,22 +494,22 @@ def _merge_details(srcs: list[_Source], recipe_text: str, lineage: dict[str, Any
         out.append("")
     out += ["### Layer map", "",
             "Layer numbers are inclusive here; `layer_range` in the recipe is half-open, as in mergekit.", ""]
-    scales = _scales_by_layer(recipe_text, sources, lineage)
+    scales = _scales_by_layer(plan, lineage)
     by_name = {s.recipe_name: s for s in srcs}
     rows = []
-    for oa, ob, m, sa, sb in _runs(lineage["layers"]):
+    for oa, ob, name, sa, _sb in _runs(lineage["layers"]):
         # split a run where the scaling changes, so each row has one note
         start = oa
         for i in range(oa, ob + 1):
             if i == ob or scales.get(i + 1, "") != scales.get(i, ""):
-                rows.append((start, i, m, sa + (start - oa), sa + (i - oa), scales.get(i, "")))
+                rows.append((start, i, name, sa + (start - oa), sa + (i - oa), scales.get(i, "")))
                 start = i + 1
     has_notes = any(r[5] for r in rows)
     head = "| output layers | from model | source layers | count |" + (" scaled tensors |" if has_notes else "")
     sep = "|---|---|---|---:|" + ("---|" if has_notes else "")
     out += [head, sep]
-    for oa, ob, m, sa, sb, note in rows:
-        label = by_name[m].label if m in by_name else m
+    for oa, ob, name, sa, sb, note in rows:
+        label = by_name[name].label if name in by_name else name
         row = f"| {_span(oa, ob)} | {_md(label)} | {_span(sa, sb)} | {ob - oa + 1} |"
         out.append(row + (f" {_md(note)} |" if has_notes else ""))
     return "\n".join(out)
@@ -549,7 +546,8 @@ def _smoke_section(smoke: dict[str, Any]) -> str:
     ref_name = _code(Path(str(ref)).name) if ref else "the source model"
     lines = ["## Smoke test", "",
              f"A sanity check run by {TOOL} right after writing the file, **not a benchmark**: it shows that llama.cpp "
-             "loads the model and generates with it, and how far its next-token predictions moved from the source's. Perplexity is measured on a short sample text; "
+             "loads the model and generates with it, and how far its next-token predictions moved from the source's. "
+             "Perplexity is measured on a short sample text; "
              f"KL divergence and top-1 agreement compare the next-token predictions with those of {ref_name} on "
              "the same tokens. An upscaled model is a different model and is expected to differ from its source; "
              "these figures catch a broken file, they do not measure quality.", "",
@@ -599,15 +597,18 @@ def _how_to_run(first: str, n_files: int, kv: dict[str, Any], arch: str) -> str:
     cli.append(f"llama-server -m {q} -c {n_ctx}   # OpenAI-compatible server on http://localhost:8080")
     if chat:
         py = (f"from llama_cpp import Llama\n\nllm = Llama(model_path={_pystr(first)}, n_ctx={n_ctx})\n"
-              "out = llm.create_chat_completion(messages=[{\"role\": \"user\", \"content\": \"Hello!\"}], max_tokens=256)\n"
+              "out = llm.create_chat_completion(messages=[{\"role\": \"user\", \"content\": \"Hello!\"}], "
+              "max_tokens=256)\n"
               "print(out[\"choices\"][0][\"message\"][\"content\"])")
     else:
         py = (f"from llama_cpp import Llama\n\nllm = Llama(model_path={_pystr(first)}, n_ctx={n_ctx})\n"
               "print(llm(\"Hello, \", max_tokens=256)[\"choices\"][0][\"text\"])")
     split = " (the first file; the others are loaded from the same folder)" if n_files > 1 else ""
     return "\n".join(["## How to run", "",
-                      f"With [llama.cpp](https://github.com/ggml-org/llama.cpp){split}:", "", _fence("\n".join(cli), "sh"),
-                      "", "With [llama-cpp-python](https://github.com/abetlen/llama-cpp-python):", "", _fence(py, "python")])
+                      f"With [llama.cpp](https://github.com/ggml-org/llama.cpp){split}:", "",
+                      _fence("\n".join(cli), "sh"), "",
+                      "With [llama-cpp-python](https://github.com/abetlen/llama-cpp-python):", "",
+                      _fence(py, "python")])
 
 
 def _license_section(srcs: list[_Source], state: str) -> str:
@@ -674,7 +675,7 @@ def card_path(dest_dir_or_path: Path) -> Path:
 # The card names the output it describes in an HTML comment (invisible on the Hub), so a card
 # whose output was deleted by hand, or re-made since, is recognised as stale and may be replaced
 # without --force: it belongs to its output, and must not block the next write of that output.
-_OWNER = re.compile(r"^<!-- {0} model card of: (?P<name>.+?) -->$".format(TOOL), re.MULTILINE)
+_OWNER = re.compile(rf"^<!-- {TOOL} model card of: (?P<name>.+?) -->$", re.MULTILINE)
 
 
 def _owner_marker(first_file: Path) -> str:
@@ -690,10 +691,8 @@ def card_owner(path: Path) -> str | None:
             tail = f.read().decode("utf-8", "replace")
     except OSError:
         return None
-    m = None
-    for m in _OWNER.finditer(tail):
-        pass
-    return m.group("name") if m else None
+    found = list(_OWNER.finditer(tail))
+    return found[-1].group("name") if found else None
 
 
 def _output_files(owner: Path) -> list[Path]:
@@ -733,36 +732,16 @@ def check_card_writable(path: Path, *, force: bool, owner: Path | None = None) -
 
 
 def write_model_card(card: str, dest_dir_or_path: Path, *, force: bool, owner: Path | None = None) -> Path:
-    """Write `card` atomically (temporary file + rename); never replace an existing file without
+    """Write `card` atomically (atomic.atomic_write); never replace an existing file without
     `force`, except a stale card of `owner` (the output this card describes; see card_is_stale)."""
     path = card_path(Path(dest_dir_or_path))
     check_card_writable(path, force=force, owner=owner)
     force = force or card_is_stale(path, owner)
-    data = card.encode("utf-8")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{TOOL}-tmp.", dir=path.parent)
-    tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        if force:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic create-if-absent: a card that appeared meanwhile is kept
-            except FileExistsError:
-                raise OutputError(f"{path}: model card already exists (use --force to overwrite it, "
-                                  "or --no-model-card)") from None
-            except OSError:  # filesystem without hard links
-                if path.exists():
-                    raise OutputError(f"{path}: model card already exists (use --force to overwrite it, "
-                                      "or --no-model-card)") from None
-                os.replace(tmp, path)
+        atomic_write(path, card.encode("utf-8"), replace=force)
+    except FileExistsError:
+        raise OutputError(f"{path}: model card already exists (use --force to overwrite it, "
+                          "or --no-model-card)") from None
     except OSError as e:
         raise OutputError(f"{path}: cannot write the model card ({e.strerror or e})") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from gguf import GGMLQuantizationType
 
 from .metadata import build_metadata
-from .plan import Plan, global_source
+from .plan import Plan
 from .source import KV, SourceModel, SourceTensor
 
 
@@ -70,7 +70,7 @@ class OutputModel:
     def kv(self, key: str) -> KV | None:
         return next((kv for kv in self.kvs if kv.key == key), None)
 
-    def with_tensors(self, tensors: list[OutTensor], kvs: list[KV] | None = None) -> "OutputModel":
+    def with_tensors(self, tensors: list[OutTensor], kvs: list[KV] | None = None) -> OutputModel:
         return replace(self, tensors=tensors, kvs=kvs if kvs is not None else self.kvs)
 
 
@@ -84,7 +84,7 @@ def build_output(plan: Plan, models: dict[str, SourceModel], *, name: str | None
     after = [t for t in order[first_block:] if t.block is None]
 
     def global_tensor(t: SourceTensor) -> OutTensor:
-        src_model = models[global_source(t.name, plan)]
+        src_model = models[plan.model_of(t.name)]
         src = src_model.tensors.get(t.name, t)
         return scaled(t.name, src, plan.global_scales.get(t.name, 1.0))
 

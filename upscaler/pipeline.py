@@ -1,7 +1,8 @@
-"""Glue for the commands that quantize: imatrix options, the quantized write, its summary.
+"""The pipeline as a library: recipe -> plan -> output model (`prepare`), and the steps that quantize
+(imatrix options, the quantized write, its summary).
 
-Kept apart from cli.py so the CLI only parses options and prints, and so scripts (bench, demo)
-can drive the same steps.
+The CLI, the tests and the scripts (bench, demo) all go through `prepare`; the CLI only parses
+options and prints.
 """
 
 from __future__ import annotations
@@ -12,17 +13,68 @@ from typing import Callable
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType
 
 from .errors import ImatrixError, QuantizeError
 from .imatrix import ImatrixData, imatrix_metadata, load_imatrix, quantize_entries
-from .output import OutputModel, OutTensor
-from .plan import Plan, global_source
+from .output import OutputModel, OutTensor, build_output
+from .plan import Plan, build_plan
 from .quant_types import TENSOR_TYPES_NEEDING_IMATRIX, QuantType
 from .quantizer import QuantEmitter, QuantStats
+from .resolve import Resolved, resolve
 from .source import KV, SourceModel, TensorReader
+from .tensor_data import check_scalable
 from .writer import GGUFOutput, Progress
 
-_FTYPE_Q2_K_S = 21
+Warn = Callable[[list[str]], None]
+
+
+@dataclass
+class Prepared:
+    """A recipe resolved against its sources, planned, and laid out as an output model (no tensor read yet)."""
+
+    resolved: Resolved
+    plan: Plan
+    output: OutputModel | None  # None when prepared with output=False
+
+    @property
+    def models(self) -> dict[str, SourceModel]:
+        return self.resolved.models
+
+    @property
+    def input_paths(self) -> list[Path]:
+        return self.resolved.input_paths
+
+    @property
+    def out(self) -> OutputModel:
+        """The output model (prepared with output=True, the default)."""
+        if self.output is None:
+            raise ValueError("prepared without an output model")
+        return self.output
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.resolved.recipe.warnings + (self.output.warnings if self.output is not None else [])
+
+
+def prepare(source: str | None = None, *, slices: str | None = None, config: str | None = None,
+            preset: str | None = None, models: list[str] | None = None, name: str | None = None,
+            output: bool = True, warn: Warn | None = None) -> Prepared:
+    """Resolve the recipe options and model references, build the plan and (unless `output` is
+    False) the output model, refusing any scale that cannot be applied. `warn` is given the
+    recipe's warnings as soon as it is read, then the output's (so they show before a later error)."""
+    res = resolve(source, slices=slices, config=config, preset=preset, model_opts=models)
+    if warn is not None:
+        warn(res.recipe.warnings)
+    plan = build_plan(res.recipe, res.models)
+    if not output:
+        return Prepared(res, plan, None)
+    out = build_output(plan, res.models, name=name)
+    if warn is not None:
+        warn(out.warnings)
+    for t in out.tensors:
+        check_scalable(t)
+    return Prepared(res, plan, out)
 
 
 @dataclass
@@ -63,14 +115,9 @@ def source_imatrix_lookup(out: OutputModel, plan: Plan, per_model: dict[str, Loa
     missing = [n for n in plan.models if n not in per_model]
     if missing:
         raise ImatrixError(f"no importance matrix for model {missing[0]!r}; give --imatrix {missing[0]}=FILE")
-    by_layer = {l.index: l for l in plan.layers}
     table: dict[str, np.ndarray] = {}
     for t in out.tensors:
-        if t.name.startswith("blk."):
-            model = by_layer[int(t.name.split(".")[1])].model
-        else:
-            model = global_source(t.name, plan)
-        row = per_model[model].entries.get(t.source.name)
+        row = per_model[plan.model_of(t.name)].entries.get(t.source.name)
         if row is not None:
             table[t.name] = row
     return table
@@ -83,7 +130,8 @@ def check_imatrix_coverage(out: OutputModel, qtype: QuantType, entries: dict[str
             continue
         if t.name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
             continue
-        needs = t.type in TENSOR_TYPES_NEEDING_IMATRIX or (t.type == Q.Q2_K and qtype.ftype == _FTYPE_Q2_K_S)
+        needs = t.type in TENSOR_TYPES_NEEDING_IMATRIX or (
+            t.type == Q.Q2_K and qtype.ftype == LlamaFileType.MOSTLY_Q2_K_S)
         if needs and t.name not in entries:
             hint = ("an importance matrix (--imatrix FILE)" if not entries else
                     "an importance matrix entry for it: the imatrix does not cover this tensor "

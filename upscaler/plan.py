@@ -13,9 +13,9 @@ from typing import Any
 
 from . import archs
 from .errors import RecipeError
-from .recipe import NORMALIZE, SCALE, WEIGHT, Recipe, lookup_parameter
 from .llama_limits import LLAMA_MAX_LAYERS
-from .source import SourceModel, SourceTensor
+from .recipe import NORMALIZE, SCALE, WEIGHT, Recipe, lookup_parameter
+from .source import BLOCK_RE, SourceModel, SourceTensor
 
 # GGUF tensor kind -> the HF name mergekit filters see (llama naming; most archs share it)
 HF_NAMES = {
@@ -108,7 +108,23 @@ class Plan:
             and not self.global_scales)
 
     def layer_map(self) -> list[tuple[str, int]]:
+        """(model, source layer) of each output layer: the layer layout lineage, imatrix remap and checks use."""
         return [(l.model, l.source_layer) for l in self.layers]
+
+    def model_of(self, tensor_name: str) -> str:
+        """The recipe model output tensor `tensor_name` comes from: its layer's model for `blk.N.*`,
+        mergekit's rule for the rest (`global_source`). The one place that decides it."""
+        m = BLOCK_RE.match(tensor_name)
+        if m and int(m.group(1)) < len(self.layers):
+            return self.layers[int(m.group(1))].model
+        return global_source(tensor_name, self)
+
+    def scale_of(self, tensor_name: str) -> float:
+        """The factor output tensor `tensor_name` is scaled by (1.0: unscaled)."""
+        m = BLOCK_RE.match(tensor_name)
+        if m and int(m.group(1)) < len(self.layers):
+            return self.layers[int(m.group(1))].scale_of(m.group(2))
+        return self.global_scales.get(tensor_name, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -166,7 +182,7 @@ def _digest(value: Any) -> str | None:
     return h.hexdigest()
 
 
-def _scales_for(recipe: Recipe, slice_idx: int, src_idx: int, tensors: dict[str, SourceTensor],
+def scales_for(recipe: Recipe, slice_idx: int, src_idx: int, tensors: dict[str, SourceTensor],
                 layer: int, t: float, weight_factor: float, arch: str | None = None) -> tuple[tuple[str, float], ...]:
     """Per-tensor factors of one output layer, as mergekit resolves them.
 
@@ -218,23 +234,23 @@ def _as_float(v: Any, what: str) -> float:
     return float(v)
 
 
-def _linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> tuple[int, float]:
+def linear_choice(recipe: Recipe, si: int, models: dict[str, SourceModel]) -> tuple[int, float]:
     """A linear slice is a passthrough when exactly one source has a non-zero weight.
 
-    Returns that source and its factor on the slice's first tensor (see _scales_for: the
+    Returns that source and its factor on the slice's first tensor (see scales_for: the
     factor is evaluated per tensor, since a gradient weight differs between layers)."""
     s = recipe.slices[si]
     chosen: set[int] = set()
     first: float | None = None
-    for j, src in enumerate(s.sources):
+    for src in s.sources:
         a, b = src.layer_range
         model = models[src.model]
         for layer in range(a, b):
             t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
             for suffix in model.blocks.get(layer, {}):
                 name = hf_tensor_name(suffix, layer, model.arch)
-                k = _nonzero_source(recipe, si, name, t, lambda kk: hf_tensor_name(
-                    suffix, s.sources[kk].layer_range[0] + layer - a, model.arch))
+                k = _nonzero_source(recipe, si, name, t, lambda kk, suffix=suffix, layer=layer, a=a, model=model:
+                                    hf_tensor_name(suffix, s.sources[kk].layer_range[0] + layer - a, model.arch))
                 chosen.add(k)
                 if first is None:
                     first = _linear_factor(recipe, si, k, name, t)
@@ -291,7 +307,7 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
 
     layers: list[OutputLayer] = []
     for si, s in enumerate(recipe.slices):
-        src_idx, weight_factor = (0, 1.0) if recipe.method == "passthrough" else _linear_choice(recipe, si, used)
+        src_idx, weight_factor = (0, 1.0) if recipe.method == "passthrough" else linear_choice(recipe, si, used)
         src = s.sources[src_idx]
         model = used[src.model]
         n = model.block_count
@@ -305,7 +321,7 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
                 raise RecipeError(f"slice {si}: model {src.model!r} has no tensors for layer {layer} "
                                   f"although block_count is {n}")
             t = (layer - a) / (b - a - 1) if b - a > 1 else 1.0
-            scales = _scales_for(recipe, si, src_idx, tensors, layer, t, weight_factor, arch)
+            scales = scales_for(recipe, si, src_idx, tensors, layer, t, weight_factor, arch)
             layers.append(OutputLayer(len(layers), src.model, layer, si, scales))
     if not layers:
         raise RecipeError("the recipe produces no layers")
@@ -324,7 +340,7 @@ def build_plan(recipe: Recipe, models: dict[str, SourceModel]) -> Plan:
         plan.embed_model = layers[0].model
         plan.head_model = layers[-1].model
     _check_tokenizer_source(recipe, used, plan.embed_model)
-    _global_scales(plan, used)
+    fill_global_scales(plan, used)
     return plan
 
 
@@ -343,7 +359,7 @@ def _check_tokenizer_source(recipe: Recipe, models: dict[str, SourceModel], embe
                               "whose tokenizer the output carries; taking another model's tokenizer is not supported")
 
 
-def _global_scales(plan: Plan, models: dict[str, SourceModel]) -> None:
+def fill_global_scales(plan: Plan, models: dict[str, SourceModel]) -> None:
     """Scale rules also apply to the embeddings and the head, as mergekit plans them
     (MergePlanner.plan_module): `token_embd` with the first slice's parameters, `output_norm`
     and `output` with the last slice's, both at t = 0 (the module's ConfigReader; a gradient

@@ -32,7 +32,7 @@ def zero_out_residual(arch: str | None = None) -> dict[str, Any]:
     return {"scale": [*({"filter": f, "value": 0.0} for f in names), {"value": 1.0}]}
 
 
-def _overlap_halves(n: int, opts: dict[str, int], arch: str | None = None) -> list[dict[str, Any]]:
+def _overlap_halves(n: int, opts: dict[str, int], arch: str | None = None) -> list[tuple[int, int]]:
     """The seed recipe: [0, n/2] + [n/4, 3n/4] + [n/2, n]; 80 layers -> 120 (karakuri 70B -> 103B)."""
     if n < 4:
         raise RecipeError(f"preset overlap-halves needs at least 4 layers, the model has {n}")
@@ -40,7 +40,7 @@ def _overlap_halves(n: int, opts: dict[str, int], arch: str | None = None) -> li
     return [(0, half), (quarter, quarter + half), (n - half, n)]
 
 
-def _solar(n: int, opts: dict[str, int], arch: str | None = None) -> list[dict[str, Any]]:
+def _solar(n: int, opts: dict[str, int], arch: str | None = None) -> list[tuple[int, int]]:
     """SOLAR depth up-scaling: two copies, the first without its last m layers, the second without its first m."""
     m = opts.get("drop", n // 4)
     if not 0 < m < n:
@@ -72,7 +72,8 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     p.name: p for p in (
-        Preset("overlap-halves", _overlap_halves, (), "seed recipe: [0,n/2]+[n/4,3n/4]+[n/2,n], 1.5x depth (70B -> 103B)"),
+        Preset("overlap-halves", _overlap_halves, (), "seed recipe: [0,n/2]+[n/4,3n/4]+[n/2,n], 1.5x depth (70B -> "
+                                                      "103B)"),
         Preset("solar", _solar, ("drop",), "SOLAR depth up-scaling: [0,n-m]+[m,n], m=n/4 by default (drop=M)"),
         Preset("llama-pro", _llama_pro, ("every",),
                "LLaMA-Pro block expansion: a zero-residual copy after every k=n/8 layers (every=K)"),

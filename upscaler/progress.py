@@ -5,8 +5,15 @@ from __future__ import annotations
 import sys
 
 from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
-                           TimeRemainingColumn, TransferSpeedColumn)
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Column
 
 from .output import OutTensor
@@ -24,7 +31,7 @@ class BarProgress:
         self.console = console
         self.label = label
         self._p: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._total_tensors = 0
         self._done_tensors = 0
 
@@ -46,7 +53,7 @@ class BarProgress:
         self._task = self._p.add_task(self.label, total=total_bytes, tensors=self._tensor_text())
 
     def advance(self, tensor: OutTensor, n_bytes: int) -> None:
-        if self._p is None:
+        if self._p is None or self._task is None:
             return
         self._done_tensors += 1
         self._p.update(self._task, advance=n_bytes, tensors=self._tensor_text())

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from gguf import GGMLQuantizationType as Q
+from gguf import LlamaFileType as F
+
 from .errors import QuantizeError
 
 
@@ -37,16 +40,42 @@ class QuantType:
         return self.ftype in FTYPES_NEEDING_IMATRIX and not self.only_copy
 
 
-# llama_ftype values (include/llama.h).
-ALL_F32, MOSTLY_F16, MOSTLY_Q4_0, MOSTLY_Q4_1 = 0, 1, 2, 3
-MOSTLY_Q8_0, MOSTLY_Q5_0, MOSTLY_Q5_1 = 7, 8, 9
-MOSTLY_Q2_K, MOSTLY_Q3_K_S, MOSTLY_Q3_K_M, MOSTLY_Q3_K_L = 10, 11, 12, 13
-MOSTLY_Q4_K_S, MOSTLY_Q4_K_M, MOSTLY_Q5_K_S, MOSTLY_Q5_K_M, MOSTLY_Q6_K = 14, 15, 16, 17, 18
-MOSTLY_IQ2_XXS, MOSTLY_IQ2_XS, MOSTLY_Q2_K_S, MOSTLY_IQ3_XS, MOSTLY_IQ3_XXS = 19, 20, 21, 22, 23
-MOSTLY_IQ1_S, MOSTLY_IQ4_NL, MOSTLY_IQ3_S, MOSTLY_IQ3_M, MOSTLY_IQ2_S, MOSTLY_IQ2_M = 24, 25, 26, 27, 28, 29
-MOSTLY_IQ4_XS, MOSTLY_IQ1_M, MOSTLY_BF16 = 30, 31, 32
-MOSTLY_TQ1_0, MOSTLY_TQ2_0, MOSTLY_MXFP4_MOE = 36, 37, 38
-MOSTLY_Q1_0, MOSTLY_Q2_0 = 40, 41
+# llama_ftype values (include/llama.h), as gguf-py names them (plain ints: they are written as UINT32).
+ALL_F32 = int(F.ALL_F32)
+MOSTLY_F16 = int(F.MOSTLY_F16)
+MOSTLY_Q4_0 = int(F.MOSTLY_Q4_0)
+MOSTLY_Q4_1 = int(F.MOSTLY_Q4_1)
+MOSTLY_Q8_0 = int(F.MOSTLY_Q8_0)
+MOSTLY_Q5_0 = int(F.MOSTLY_Q5_0)
+MOSTLY_Q5_1 = int(F.MOSTLY_Q5_1)
+MOSTLY_Q2_K = int(F.MOSTLY_Q2_K)
+MOSTLY_Q3_K_S = int(F.MOSTLY_Q3_K_S)
+MOSTLY_Q3_K_M = int(F.MOSTLY_Q3_K_M)
+MOSTLY_Q3_K_L = int(F.MOSTLY_Q3_K_L)
+MOSTLY_Q4_K_S = int(F.MOSTLY_Q4_K_S)
+MOSTLY_Q4_K_M = int(F.MOSTLY_Q4_K_M)
+MOSTLY_Q5_K_S = int(F.MOSTLY_Q5_K_S)
+MOSTLY_Q5_K_M = int(F.MOSTLY_Q5_K_M)
+MOSTLY_Q6_K = int(F.MOSTLY_Q6_K)
+MOSTLY_IQ2_XXS = int(F.MOSTLY_IQ2_XXS)
+MOSTLY_IQ2_XS = int(F.MOSTLY_IQ2_XS)
+MOSTLY_Q2_K_S = int(F.MOSTLY_Q2_K_S)
+MOSTLY_IQ3_XS = int(F.MOSTLY_IQ3_XS)
+MOSTLY_IQ3_XXS = int(F.MOSTLY_IQ3_XXS)
+MOSTLY_IQ1_S = int(F.MOSTLY_IQ1_S)
+MOSTLY_IQ4_NL = int(F.MOSTLY_IQ4_NL)
+MOSTLY_IQ3_S = int(F.MOSTLY_IQ3_S)
+MOSTLY_IQ3_M = int(F.MOSTLY_IQ3_M)
+MOSTLY_IQ2_S = int(F.MOSTLY_IQ2_S)
+MOSTLY_IQ2_M = int(F.MOSTLY_IQ2_M)
+MOSTLY_IQ4_XS = int(F.MOSTLY_IQ4_XS)
+MOSTLY_IQ1_M = int(F.MOSTLY_IQ1_M)
+MOSTLY_BF16 = int(F.MOSTLY_BF16)
+MOSTLY_TQ1_0 = int(F.MOSTLY_TQ1_0)
+MOSTLY_TQ2_0 = int(F.MOSTLY_TQ2_0)
+MOSTLY_MXFP4_MOE = int(F.MOSTLY_MXFP4_MOE)
+MOSTLY_Q1_0 = int(F.MOSTLY_Q1_0)
+MOSTLY_Q2_0 = 41  # newer than gguf-py 0.19's LlamaFileType
 
 QUANT_TYPES: tuple[QuantType, ...] = (
     QuantType("Q1_0", MOSTLY_Q1_0, " 1.125 bpw quantization"),
@@ -118,7 +147,8 @@ FTYPES_NEEDING_IMATRIX: frozenset[int] = frozenset({
 # ggml tensor types (ggml_type ids) that llama.cpp only quantizes with an importance matrix
 # (llama-quant.cpp tensor_requires_imatrix; Q2_K also, but only inside a Q2_K_S file):
 # IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ2_S, IQ1_M.
-TENSOR_TYPES_NEEDING_IMATRIX: frozenset[int] = frozenset({16, 17, 18, 19, 22, 29})
+TENSOR_TYPES_NEEDING_IMATRIX: frozenset[int] = frozenset(int(t) for t in (
+    Q.IQ2_XXS, Q.IQ2_XS, Q.IQ3_XXS, Q.IQ1_S, Q.IQ2_S, Q.IQ1_M))
 
 _GIB_PER_LLAMA3_8B = 2**30 * 8 / 8.03e9  # GiB of a Llama-3-8B file -> bits per weight
 

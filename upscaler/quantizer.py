@@ -19,12 +19,14 @@ from typing import Callable, Literal, Mapping
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import GGUFValueType as T
+from gguf import Keys
 
 from . import ggml
 from .errors import QuantizeError
-from .llama_quant import KvValue, Mixture, llama_tensor_order, override_kvs, target_types, tensor_nbytes
+from .gguf_header import tensor_nbytes
+from .llama_quant import KvValue, Mixture, llama_tensor_order, override_kvs, target_types
 from .output import OutputModel, OutTensor
-from .plan import Plan, global_source
+from .plan import Plan
 from .quant_types import QuantType
 from .source import KV, SourceModel, TensorReader, row_bytes
 from .tensor_data import FirstCopies, scaled_rows
@@ -47,15 +49,7 @@ def _source_mixture_types(out: OutputModel, plan: Plan, models: dict[str, Source
     per_model = {name: target_types(list(m.tensors.values()), m.kvs.values(), qtype, imatrix=imatrix, mixture=mixture,
                                     kv_overrides=kv_overrides)
                  for name, m in models.items() if name in plan.models}
-    by_layer = {l.index: l for l in plan.layers}
-    types: dict[str, int] = {}
-    for t in out.tensors:
-        if t.name.startswith("blk."):
-            layer = by_layer[int(t.name.split(".")[1])]
-            types[t.name] = per_model[layer.model][t.source.name]
-        else:
-            types[t.name] = per_model[global_source(t.name, plan)][t.name]
-    return types
+    return {t.name: per_model[plan.model_of(t.name)][t.source.name] for t in out.tensors}
 
 
 def assign_types(out: OutputModel, qtype: QuantType, *, imatrix_kvs: list[KV] | None = None, has_imatrix: bool = False,
@@ -84,8 +78,9 @@ def assign_types(out: OutputModel, qtype: QuantType, *, imatrix_kvs: list[KV] | 
         typ = Q(types[name])
         tensors.append(replace(t, ggml_type=typ, n_bytes=tensor_nbytes(int(typ), t.shape)))
     # llama.cpp copies the metadata, then *re-sets* these keys, which moves them to the end
-    kvs = [kv for kv in out.kvs if kv.key not in ("general.quantization_version", "general.file_type")]
-    kvs += [KV("general.quantization_version", GGML_QNT_VERSION, T.UINT32), KV("general.file_type", qtype.ftype, T.UINT32)]
+    kvs = [kv for kv in out.kvs if kv.key not in (Keys.General.QUANTIZATION_VERSION, Keys.General.FILE_TYPE)]
+    kvs += [KV(Keys.General.QUANTIZATION_VERSION, GGML_QNT_VERSION, T.UINT32),
+            KV(Keys.General.FILE_TYPE, qtype.ftype, T.UINT32)]
     for kv in override_kvs(kv_overrides or {}) + list(imatrix_kvs or []):
         kvs = [k for k in kvs if k.key != kv.key] + [kv]
     return replace(out, tensors=tensors, kvs=kvs)
@@ -143,7 +138,7 @@ class QuantEmitter:
                 how = "copied"
             else:
                 t0 = time.perf_counter()
-                for chunk in self._quantized_chunks(t):
+                for chunk in self.quantized_chunks(t):
                     sink.write(chunk)
                 self.stats.seconds_quantizing += time.perf_counter() - t0
                 self.stats.quantized += 1
@@ -161,7 +156,7 @@ class QuantEmitter:
             self._pool = None
         self._copies.close()
 
-    def _quantized_chunks(self, t: OutTensor):
+    def quantized_chunks(self, t: OutTensor):
         """Rows of `t` in its target type, a bounded slab at a time (quantization is per row, so
         slabs give the same bytes as a whole-tensor pass)."""
         src = t.source

@@ -9,7 +9,7 @@ them per output tensor with mergekit's precedence.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from .errors import RecipeError
 
 # A mergekit parameter value: scalar, gradient (list of numbers), or conditional list of {filter, value}.
-ParamValue = Union[float, int, bool, str, list[Any], dict[str, Any], None]
+ParamValue = float | int | bool | str | list[Any] | dict[str, Any] | None
 
 SUPPORTED_METHODS = ("passthrough", "linear")
 MAX_LAYER_INDEX = 100_000
@@ -223,7 +223,7 @@ def _check_shape(text: str) -> None:
             depth += 1
             if depth > MAX_YAML_DEPTH:
                 raise RecipeError(f"recipe YAML nests more than {MAX_YAML_DEPTH} levels deep "
-                                  f"(line {ev.start_mark.line + 1})")
+                                  f"(line {ev.start_mark.line + 1 if ev.start_mark else '?'})")
         elif isinstance(ev, (yaml.SequenceEndEvent, yaml.MappingEndEvent)):
             depth -= 1
         if events > MAX_YAML_EVENTS:
@@ -238,7 +238,12 @@ def _first_error(e: ValidationError) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def parse_yaml_text(text: str, origin: str = "recipe") -> Recipe:
+def load_yaml_document(text: str, origin: str = "recipe") -> tuple[Any, list[str]]:
+    """Recipe text -> (the YAML document, duplicate-key notes), refusing what no recipe is: over
+    MAX_RECIPE_BYTES, too deep or too many items (checked before composing), alias bombs, YAML
+    tags. Errors are one-line RecipeErrors prefixed with `origin`."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{origin}: recipe is over {MAX_RECIPE_BYTES // 1024} KB; a recipe is a few KB")
     try:
         _check_shape(text)
         loader = _NoAliasBombLoader(text)
@@ -255,6 +260,11 @@ def parse_yaml_text(text: str, origin: str = "recipe") -> Recipe:
         raise RecipeError(f"{origin}: {e}") from None
     except RecursionError:  # a last resort; the depth checks above should make it unreachable
         raise RecipeError(f"{origin}: recipe YAML nests too deeply") from None
+    return doc, list(getattr(loader, "duplicates", []))
+
+
+def parse_yaml_text(text: str, origin: str = "recipe") -> Recipe:
+    doc, duplicates = load_yaml_document(text, origin)
     if not isinstance(doc, dict):
         raise RecipeError(f"{origin}: expected a mergekit YAML mapping with merge_method and slices")
     try:
@@ -262,7 +272,7 @@ def parse_yaml_text(text: str, origin: str = "recipe") -> Recipe:
     except ValidationError as e:
         raise RecipeError(f"{origin}: {_first_error(e)}") from None
     recipe = normalize_config(cfg, origin)
-    recipe.warnings[:0] = [f"{origin}: {d}" for d in getattr(loader, "duplicates", [])]
+    recipe.warnings[:0] = [f"{origin}: {d}" for d in duplicates]
     return recipe
 
 
@@ -293,8 +303,8 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
         raise RecipeError(f"{origin}: merge_method {_short(cfg.merge_method)} is not supported; "
                           "gguf-upscale does passthrough (and linear recipes with one non-zero source per slice)")
     if isinstance(cfg.tokenizer_source, dict):  # a model reference mapping, as in `model:`
-        src = cfg.tokenizer_source
-        cfg.tokenizer_source = src.get("path") or (src.get("model") or {}).get("path") or src
+        ref = cfg.tokenizer_source
+        cfg.tokenizer_source = ref.get("path") or (ref.get("model") or {}).get("path") or ref
     if cfg.tokenizer_source not in (None, "base") and not isinstance(cfg.tokenizer_source, str):
         raise RecipeError(f"{origin}: tokenizer_source {_short(cfg.tokenizer_source)} is not supported "
                           "(the tokenizer is taken from the first slice's model)")
@@ -321,11 +331,12 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
             raise RecipeError(f"{origin}: base_model {_short(cfg.base_model)} is not among `models:`; mergekit adds "
                               f"it as another whole-model source, which {method} as a passthrough cannot take")
         if len(cfg.models) != 1:
-            raise RecipeError(f"{origin}: a `models:` recipe takes exactly one model for {method}, got {len(cfg.models)}; "
+            raise RecipeError(f"{origin}: a `models:` recipe takes exactly one model for {method}, got "
+                              f"{len(cfg.models)}; "
                               "use slices to stack models")
-        m = cfg.models[0]
+        whole = cfg.models[0]
         # layer range filled in by the plan from the model's block count
-        slices = [Slice(sources=[SliceSource(model=m.model, layer_range=(0, -1), parameters=m.parameters)])]
+        slices = [Slice(sources=[SliceSource(model=whole.model, layer_range=(0, -1), parameters=whole.parameters)])]
     else:
         slices = list(cfg.slices or [])
 
@@ -343,7 +354,8 @@ def normalize_config(cfg: MergeConfig, origin: str = "recipe") -> Recipe:
                 raise RecipeError(f"{origin}: slice {i} ({src.model}) layer_range [{a}, {b}] is {kind}; "
                                   "ranges are half-open [start, end) with end > start")
         if method == "passthrough" and len(s.sources) != 1:
-            raise RecipeError(f"{origin}: slice {i} has {len(s.sources)} sources; passthrough takes exactly one per slice")
+            raise RecipeError(f"{origin}: slice {i} has {len(s.sources)} sources; passthrough takes exactly one per "
+                              "slice")
         if method == "linear":
             lens = {src.layer_range[1] - src.layer_range[0] for src in s.sources}
             if len(lens) != 1:
@@ -495,7 +507,7 @@ def _validated(check: Callable[[Any], Any], value: Any) -> Any:
 
 
 # mergekit's parameter types (merge_methods/passthrough.py, linear.py): validated as it does
-SCALE = TypeAdapter(Optional[float]).validate_python  # passthrough, per input
+SCALE = TypeAdapter(float | None).validate_python  # passthrough, per input
 WEIGHT = TypeAdapter(float).validate_python  # linear, per input
 NORMALIZE = TypeAdapter(bool).validate_python  # linear, shared
 

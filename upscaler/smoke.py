@@ -446,9 +446,10 @@ class _Kept:
     _file: Any = None
 
     @classmethod
-    def allocate(cls, n_rows: int, n_vocab: int, ram_budget: int = _RAM_BUDGET) -> "_Kept":
+    def allocate(cls, n_rows: int, n_vocab: int, ram_budget: int = _RAM_BUDGET) -> _Kept:
         nbytes = n_rows * n_vocab * 4
         f = None
+        logits: np.ndarray
         if nbytes > ram_budget:
             f = tempfile.TemporaryFile(prefix="gguf-upscale-smoke-")
             logits = np.memmap(f, dtype=np.float32, mode="w+", shape=(n_rows, n_vocab))

@@ -16,10 +16,9 @@ from typing import Any, Iterator
 
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
-from gguf.constants import GGML_QUANT_SIZES
 
 from .errors import SourceError
-from .gguf_header import check_key_types, read_header
+from .gguf_header import check_key_types, read_header, tensor_nbytes
 
 TENSOR_ALIGNMENT = 32  # ggml's (ggml-impl.h): mapped tensor buffers must start at a multiple of it
 SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
@@ -36,7 +35,7 @@ class KV:
     vtype: GGUFValueType
     sub_type: GGUFValueType | None = None
 
-    def with_value(self, value: Any) -> "KV":
+    def with_value(self, value: Any) -> KV:
         return KV(self.key, value, self.vtype, self.sub_type)
 
 
@@ -93,7 +92,7 @@ def resolve_model_path(ref: str | Path) -> Path:
     if p.is_dir():
         # a shard set counts once, by its first shard
         candidates = sorted(q for q in p.glob("*.gguf")
-                            if not SHARD_RE.match(q.name) or SHARD_RE.match(q.name).group("no") == "00001")
+                            if not (s := SHARD_RE.match(q.name)) or s.group("no") == "00001")
         if len(candidates) != 1:
             raise SourceError(f"{p}: folder must hold exactly one GGUF model, found {len(candidates)}")
         p = candidates[0]
@@ -277,7 +276,7 @@ class TensorReader:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> "TensorReader":
+    def __enter__(self) -> TensorReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -285,5 +284,5 @@ class TensorReader:
 
 
 def row_bytes(ggml_type: GGMLQuantizationType, n_per_row: int) -> int:
-    block, size = GGML_QUANT_SIZES[ggml_type]
-    return n_per_row // block * size
+    """Bytes of one row (gguf_header.tensor_nbytes, the one size rule)."""
+    return tensor_nbytes(ggml_type, (n_per_row,))

@@ -183,7 +183,7 @@ class Emitter:
     def close(self) -> None:
         self._copies.close()
 
-    def __enter__(self) -> "Emitter":
+    def __enter__(self) -> Emitter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,8 @@ the destination (locked with flock while in use) and moved into place only when 
   commit, finishes the commit first (the new output was complete), so a set is always either
   the whole new set or recoverable into it.
 
-Like cp, gguf-split and llama-quantize, it does not fsync: a power cut is not covered.
+Like cp, gguf-split and llama-quantize, it does not fsync: a power cut is not covered (the
+tool's one policy for every file it writes, see atomic.py).
 
 Copies that cost no disk: `FileSink.copy_from` uses copy_file_range, which clones extents on
 filesystems that share them (XFS and btrfs with reflink, ZFS with block cloning) when source and
@@ -51,19 +52,17 @@ import os
 import re
 import shutil
 import signal
-import struct
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-import numpy as np
 from gguf import GGUFValueType as T
-from gguf.constants import GGUF_MAGIC
 
+from .atomic import atomic_write
 from .errors import OutputError, SourceError
-from .gguf_header import NUMPY_DTYPES, SCALAR_FORMATS
+from .gguf_header import pack_header, padded
 from .output import OutputModel, OutTensor
 from .source import KV
 
@@ -112,7 +111,7 @@ class _Interrupts:
         self.pending: int | None = None
         self._saved: dict[int, object] = {}
 
-    def __enter__(self) -> "_Interrupts":
+    def __enter__(self) -> _Interrupts:
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in self.SIGNALS:
@@ -317,7 +316,7 @@ def clean_stale_temp(dest: Path) -> list[Path]:
 
     A folder whose journal says its commit had begun is committed first (its output was
     complete); any other is removed. Folders of running writes are locked and left alone."""
-    removed = []
+    removed: list[Path] = []
     prefix = f".{dest.name}{TMP_MARK}"
     try:
         entries = list(dest.parent.iterdir())
@@ -386,44 +385,8 @@ def parse_size(text: str) -> int:
 # --------------------------------------------------------------------------- serialization
 
 
-def _pack_string(v: str | bytes) -> bytes:
-    b = v.encode("utf-8") if isinstance(v, str) else v
-    return struct.pack("<Q", len(b)) + b
-
-
-def pack_kv(kv: KV) -> bytes:
-    """Serialize one key/value exactly as typed (arrays keep their element type; empty arrays allowed)."""
-    out = [_pack_string(kv.key), struct.pack("<I", kv.vtype)]
-    if kv.vtype == T.STRING:
-        out.append(_pack_string(kv.value))
-    elif kv.vtype == T.ARRAY:
-        sub = kv.sub_type
-        if sub is None:
-            raise OutputError(f"metadata key {kv.key}: array without an element type")
-        out.append(struct.pack("<IQ", sub, len(kv.value)))
-        if sub == T.STRING:
-            out.extend(_pack_string(v) for v in kv.value)
-        elif sub == T.BOOL:
-            out.append(bytes(1 if v else 0 for v in kv.value))
-        elif sub in NUMPY_DTYPES:
-            out.append(np.asarray(kv.value, dtype=NUMPY_DTYPES[sub]).tobytes())
-        else:
-            raise OutputError(f"metadata key {kv.key}: nested arrays are not supported")
-    elif kv.vtype in SCALAR_FORMATS:
-        fmt, _ = SCALAR_FORMATS[kv.vtype]
-        out.append(struct.pack(fmt, kv.value))
-    else:
-        raise OutputError(f"metadata key {kv.key}: unknown value type {kv.vtype}")
-    return b"".join(out)
-
-
-def _pack_tensor_info(t: OutTensor, offset: int) -> bytes:
-    return (_pack_string(t.name) + struct.pack("<I", len(t.shape))
-            + struct.pack(f"<{len(t.shape)}Q", *t.shape) + struct.pack("<IQ", t.type, offset))
-
-
 def _pad(n: int, align: int) -> int:
-    return -(-n // align) * align
+    return padded(n, align)
 
 
 def shard_layout(tensors: list[OutTensor], split_max_size: int) -> list[list[OutTensor]]:
@@ -486,17 +449,12 @@ class GGUFOutput:
         pad_phase = i > 0 and SHARD_PHASE % align == 0
         if pad_phase:
             kvs = kvs + [KV(PAD_KEY, "", T.STRING)]
-        parts = [struct.pack("<IIQQ", GGUF_MAGIC, 3, len(self.shards[i]), len(kvs))]
-        parts += [pack_kv(kv) for kv in kvs]
-        offset = 0
-        for t in self.shards[i]:
-            parts.append(_pack_tensor_info(t, offset))
-            offset += _pad(t.size, align)
-        header = b"".join(parts)
+        infos = [(t.name, t.shape, int(t.type), t.size) for t in self.shards[i]]
+        header, _ = pack_header(kvs, infos, align)
         if pad_phase:
             grow = (phase - len(header)) % SHARD_PHASE
             kvs[-1] = KV(PAD_KEY, " " * grow, T.STRING)
-            header = b"".join([parts[0], *(pack_kv(kv) for kv in kvs), *parts[1 + len(kvs):]])
+            header, _ = pack_header(kvs, infos, align)
         return header
 
     def check(self) -> None:
@@ -565,12 +523,15 @@ class GGUFOutput:
                 pass  # cleaned up below, then the signal is delivered
             except OSError as e:
                 if self._commit_started:
-                    raise OutputError(f"{self.dest}: could not move the finished output into place ({e.strerror or e}); "
-                                      f"it is kept in {tmpdir} and the next write to {self.dest.name} completes it") from None
+                    raise OutputError(f"{self.dest}: could not move the finished output into place "
+                                      f"({e.strerror or e}); "
+                                      f"it is kept in {tmpdir} and the next write to {self.dest.name} completes "
+                                      "it") from None
                 if e.errno == errno.ENOSPC:
                     raise OutputError(f"{self.dest.parent}: disk full while writing; nothing was left behind") from None
                 if e.errno == errno.EFBIG:
-                    raise OutputError(f"{self.dest}: file size limit reached while writing; nothing was left behind") from None
+                    raise OutputError(f"{self.dest}: file size limit reached while writing; nothing was left "
+                                      "behind") from None
                 raise OutputError(f"{self.dest}: write failed ({e.strerror or e})") from None
             finally:
                 progress.finish()
@@ -590,8 +551,6 @@ class GGUFOutput:
         names = [p.name for p in self.paths]
         stale = [p.name for p in output_set(self.dest) if p.name not in names]
         journal = {"files": names, "remove": stale}
-        part = tmpdir / (JOURNAL + ".part")
-        part.write_text(json.dumps(journal), encoding="utf-8")
-        os.replace(part, tmpdir / JOURNAL)
+        atomic_write(tmpdir / JOURNAL, json.dumps(journal).encode("utf-8"))
         self._commit_started = True
         _apply_commit(tmpdir, journal)
