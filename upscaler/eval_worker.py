@@ -187,7 +187,9 @@ def run_isolated(target: str, request: Any, *, on_stage: Callable[[str], None] |
             log_level = level
     ours, theirs = socket.socketpair()
     conn = Connection(ours.detach())
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # `upscaler` importable there
+    import upscaler  # the package's own root, wherever this module sits in it
+
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(upscaler.__file__)))  # `upscaler` importable there
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     with tempfile.NamedTemporaryFile(prefix="gguf-upscale-eval-", suffix=".log") as stderr_file:
         try:
