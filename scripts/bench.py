@@ -281,7 +281,7 @@ def bench_upscale(work: Path, size_gb: float) -> dict:
 
 LLAMA_QUANTIZE = """
 import sys, llama_cpp
-from upscaler import llama_log
+from upscaler.quant import llama_log
 llama_log.install()  # swallow llama.cpp's log, as gguf-upscale does
 p = llama_cpp.llama_model_quantize_default_params()
 p.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + sys.argv[3].upper())  # llama.cpp's own constant
@@ -374,9 +374,9 @@ def bench_run(work: Path, threads: int = 2, qtype: str = "Q4_K_M") -> dict:
 PLAIN_UPSCALE = """
 import sys
 from upscaler.pipeline import prepare
-from upscaler.source import TensorReader
-from upscaler.tensor_data import emit
-from upscaler.writer import GGUFOutput
+from upscaler.format.source import TensorReader
+from upscaler.format.tensor_data import emit
+from upscaler.format.writer import GGUFOutput
 prep = prepare(sys.argv[1], preset=sys.argv[2])
 with TensorReader() as reader:  # every tensor copied from the source: no sharing of duplicates
     GGUFOutput(prep.out, sys.argv[3], inputs=prep.input_paths).write(lambda t, sink: emit(t, reader, sink))

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGUFReader
 
-from upscaler.source import SourceModel
+from upscaler.format.source import SourceModel
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -876,8 +876,8 @@ def _moe_layers(names: list[str], shapes: dict[str, tuple[int, ...]], dims: Dims
 
 def load_llama(path: Path | str, **kw: Any) -> llama_cpp.Llama:
     """Open a model the way every test compares logits: small ctx, all logits kept, 2 threads,
-    weights on plain CPU buffers like every evaluation of the project (upscaler.llama_params)."""
-    from upscaler.llama_params import open_llama
+    weights on plain CPU buffers like every evaluation of the project (upscaler.checks.llama_params)."""
+    from upscaler.checks.llama_params import open_llama
 
     params: dict[str, Any] = dict(n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     params.update(kw)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from helpers import assert_one_line_error, cli, metadata, tensor_bytes
 from modelfactory import ARCHS, SLIDING_WINDOW, eval_logits, load_llama, make_model
-from upscaler import archs
+from upscaler.planning import archs
 
 BOOL, U32 = GGUFValueType.BOOL, GGUFValueType.UINT32
 TEXT = b"the cat and the dog " * 20  # ~100 tokens: well past the fixtures' 32-token sliding window

@@ -15,10 +15,10 @@ import pytest
 
 from helpers import ROOT, assert_one_line_error, cli
 from modelfactory import load_llama, make_model
-from upscaler import llama_params, smoke
-from upscaler.eval_worker import CRASH_HOOK_ENV, EvalCrashed
-from upscaler.model_card import card_is_stale, card_owner
-from upscaler.smoke import run_smoke
+from upscaler.checks import llama_params, smoke
+from upscaler.checks.eval_worker import CRASH_HOOK_ENV, EvalCrashed
+from upscaler.checks.smoke import run_smoke
+from upscaler.publish.model_card import card_is_stale, card_owner
 
 FAST = dict(n_ctx=64, max_tokens_scored=160, n_predict=8, n_threads=1)
 CLI_FAST = ("--ctx", "64", "--max-tokens", "96", "--n-predict", "4", "--threads", "1")
@@ -56,8 +56,8 @@ def test_q4_0_weights_stay_on_plain_buffers(tiny_llama: Path, tmp_path: Path) ->
     AVX2/NEON, AMX on Xeons); through open_llama no extra buffer type is ever allocated."""
     import llama_cpp
 
-    from upscaler import llama_log
-    from upscaler.llama_quant import quantize_file
+    from upscaler.quant import llama_log
+    from upscaler.quant.llama_quant import quantize_file
 
     q4 = tmp_path / "q4_0.gguf"
     quantize_file(tiny_llama, q4, "Q4_0", n_threads=1)  # llama.cpp's own quantizer
@@ -114,7 +114,7 @@ def test_cli_crash_is_one_line_exit_1(tiny_llama: Path) -> None:
 
 def test_a_real_ggml_assert_is_quoted() -> None:
     """Not our hook: ggml itself aborts (a GGML_ASSERT in the child), and its line is quoted."""
-    from upscaler.eval_worker import run_isolated
+    from upscaler.checks.eval_worker import run_isolated
 
     with pytest.raises(EvalCrashed, match=r"^llama.cpp aborted while asserting \(SIGABRT: .*GGML_ASSERT\(start % "):
         run_isolated("test_eval_isolation:_ggml_assert_in_child", None)
@@ -283,7 +283,7 @@ def test_card_older_than_its_remade_output_is_stale(tiny_llama: Path, tmp_path: 
 def test_a_script_without_main_guard_can_run_smoke(tiny_llama: Path, tmp_path: Path) -> None:
     """The child is a fresh interpreter, not multiprocessing's spawn (which re-runs the caller's script)."""
     script = tmp_path / "check.py"
-    script.write_text("from upscaler.smoke import run_smoke\n"
+    script.write_text("from upscaler.checks.smoke import run_smoke\n"
                       f"print(run_smoke({str(tiny_llama)!r}, n_ctx=64, max_tokens_scored=32, n_predict=2, "
                       "n_threads=1).loaded)\n", encoding="utf-8")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -43,10 +43,10 @@ from helpers import ROOT, cli
 from modelfactory import make_model
 from upscaler import cli as cli_mod
 from upscaler.errors import UpscaleError
+from upscaler.format.source import TensorReader
+from upscaler.format.tensor_data import emit
+from upscaler.format.writer import GGUFOutput
 from upscaler.pipeline import prepare
-from upscaler.source import TensorReader
-from upscaler.tensor_data import emit
-from upscaler.writer import GGUFOutput
 
 SEED = 20240605
 CASE_SECONDS = 5.0  # per case, both commands together; a healthy case takes ~20 ms
@@ -723,7 +723,7 @@ def test_cli_sample_one_line_errors(fx: Fixtures, tmp_path: Path) -> None:
 SPARSE_SIZE = 64 << 30
 MEMORY_SCRIPT = r"""
 import json, resource, sys, time
-from upscaler.source import SourceModel
+from upscaler.format.source import SourceModel
 from upscaler.errors import UpscaleError
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))

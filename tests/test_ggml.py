@@ -1,4 +1,4 @@
-"""upscaler.ggml: the bundled ggml's sizes, conversions and quantization kernels, called from Python."""
+"""upscaler.quant.ggml: the bundled ggml's sizes, conversions and quantization kernels, called from Python."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as ref_dequantize
 from gguf.quants import quantize as ref_quantize
 
-from upscaler import ggml
 from upscaler.errors import QuantizeError
+from upscaler.quant import ggml
 
 RNG = np.random.default_rng(1234)
 

@@ -15,8 +15,8 @@ from test_fuzz import Fixtures, build_case, make_fixtures
 
 from helpers import assert_one_line_error, cli, leftovers
 from upscaler.errors import SourceError
-from upscaler.gguf_header import read_header
-from upscaler.source import SourceModel
+from upscaler.format.gguf_header import read_header
+from upscaler.format.source import SourceModel
 
 # ------------------------------------------------------------------------------------- config
 
@@ -267,7 +267,7 @@ def test_header_budget(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A header larger than any real one is refused at the field that crosses the budget, before reading it."""
     import struct
 
-    from upscaler import gguf_header
+    from upscaler.format import gguf_header
     monkeypatch.setattr(gguf_header, "MAX_HEADER_BYTES", 1 << 20)  # 512 MiB in real life
     p = tmp_path / "big-header.gguf"
     with open(p, "wb") as f:

@@ -24,7 +24,7 @@ import pytest
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from upscaler.errors import ImatrixError, UpscaleError
-from upscaler.imatrix import (
+from upscaler.quant.imatrix import (
     GgufEntry,
     ImatrixData,
     LegacyEntry,

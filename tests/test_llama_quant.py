@@ -15,17 +15,17 @@ from gguf import GGUFReader
 from llama_reference import Imatrix, ftype_of, llama_quantize
 
 from modelfactory import make_model
-from upscaler import ggml, llama_log, quant_types
 from upscaler.errors import QuantizeError
-from upscaler.gguf_header import tensor_nbytes
-from upscaler.llama_quant import (
+from upscaler.format.gguf_header import tensor_nbytes
+from upscaler.format.source import SourceModel
+from upscaler.quant import ggml, llama_log, quant_types
+from upscaler.quant.llama_quant import (
     Mixture,
     llama_tensor_order,
     quantize_file,
     target_types,
 )
-from upscaler.quant_types import QUANT_TYPES, approx_bits_per_weight, parse_quant_type
-from upscaler.source import SourceModel
+from upscaler.quant.quant_types import QUANT_TYPES, approx_bits_per_weight, parse_quant_type
 
 Quantized = Callable[..., Path]
 

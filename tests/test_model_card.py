@@ -13,9 +13,9 @@ from helpers import cli, metadata
 from modelfactory import make_model
 from upscaler import __version__
 from upscaler.errors import OutputError
-from upscaler.model_card import card_path, render_model_card, repo_id_from_url, write_model_card
-from upscaler.recipe import parse_yaml_text
-from upscaler.source import SourceModel
+from upscaler.format.source import SourceModel
+from upscaler.planning.recipe import parse_yaml_text
+from upscaler.publish.model_card import card_path, render_model_card, repo_id_from_url, write_model_card
 
 JA_NAME = "カラクリ LM テスト 70B Chat v0.1"
 REPO = "karakuri-ai/karakuri-lm-70b-chat-v0.1"

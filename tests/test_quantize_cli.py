@@ -11,9 +11,9 @@ import pytest
 
 from helpers import assert_one_line_error, cli, leftovers, tensor_bytes, tensor_types
 from modelfactory import eval_logits, make_model
-from upscaler.imatrix import ImatrixData, LegacyEntry, save_imatrix
-from upscaler.quant_types import parse_quant_type
-from upscaler.source import SourceModel
+from upscaler.format.source import SourceModel
+from upscaler.quant.imatrix import ImatrixData, LegacyEntry, save_imatrix
+from upscaler.quant.quant_types import parse_quant_type
 
 SEED = "0:40,20:60,40:80"
 
@@ -84,7 +84,7 @@ def test_imatrix_remap_enables_iq2(tiny_llama: Path, tmp_path: Path, load_llama)
     cli("imatrix", im, "--source", tiny_llama, "--slices", "0:3,1:4", "-o", mapped, check=True)
     ours = tmp_path / "iq2.gguf"
     cli("quantize", up, "-o", ours, "--type", "IQ2_XXS", "--imatrix", mapped, check=True)
-    from upscaler.imatrix import load_imatrix, quantize_entries
+    from upscaler.quant.imatrix import load_imatrix, quantize_entries
     ref = llama_quantize(up, tmp_path / "ref.gguf", "IQ2_XXS", quantize_entries(load_imatrix(mapped)))
     assert tensor_bytes(ours) == tensor_bytes(ref)
     assert "IQ2_XXS" in set(tensor_types(ours).values())
@@ -142,7 +142,7 @@ def test_run_with_source_imatrix_maps_it(tiny_llama: Path, tmp_path: Path) -> No
     cli("upscale", tiny_llama, "--slices", "0:3,1:4", "-o", up, check=True)
     mapped = tmp_path / "up.dat"
     cli("imatrix", im, "--source", tiny_llama, "--slices", "0:3,1:4", "-o", mapped, check=True)
-    from upscaler.imatrix import load_imatrix, quantize_entries
+    from upscaler.quant.imatrix import load_imatrix, quantize_entries
     two = llama_quantize(up, tmp_path / "two.gguf", "IQ2_XXS", quantize_entries(load_imatrix(mapped)))
     assert tensor_bytes(one) == tensor_bytes(two)
     md = SourceModel(one).kvs

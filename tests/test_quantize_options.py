@@ -9,8 +9,8 @@ import pytest
 from gguf import GGUFReader
 
 from helpers import assert_one_line_error, cli, leftovers, metadata, tensor_bytes, tensor_types
-from upscaler.llama_quant import Mixture, _Params, _run, parse_kv_override
-from upscaler.quant_types import parse_quant_type
+from upscaler.quant.llama_quant import Mixture, _Params, _run, parse_kv_override
+from upscaler.quant.quant_types import parse_quant_type
 
 
 def llama_quantize(src: Path, dst: Path, type_name: str = "Q4_K_M", *, mixture: Mixture | None = None,

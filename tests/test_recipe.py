@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from upscaler.errors import RecipeError
-from upscaler.presets import preset_recipe
-from upscaler.recipe import evaluate_setting, lookup_parameter, parse_slices, parse_yaml_text
+from upscaler.planning.presets import preset_recipe
+from upscaler.planning.recipe import evaluate_setting, lookup_parameter, parse_slices, parse_yaml_text
 
 
 def ranges(recipe):
@@ -98,7 +98,7 @@ def test_recipe_round_trips_through_yaml() -> None:
 def test_star_filter_validation_and_empty_lists() -> None:
     """mergekit 0.1.5's evaluate_setting: "*" matches everything, values are validated as the
     parameter's type before a list is called a gradient, an empty list is no value."""
-    from upscaler.recipe import NORMALIZE, SCALE
+    from upscaler.planning.recipe import NORMALIZE, SCALE
     assert evaluate_setting("lm_head.weight", [{"filter": "*", "value": 0.5}], 0, validate=SCALE) == 0.5
     assert evaluate_setting("lm_head.weight", {"filter": "*", "value": [0.0, 1.0]}, 0.25, validate=SCALE) == 0.25
     assert evaluate_setting("x", ["0.5", True], 0.5, validate=SCALE) == 0.75  # strings and booleans are numbers

@@ -30,7 +30,7 @@ from gguf import GGUFReader
 
 from helpers import cli, leftovers
 from modelfactory import make_model
-from upscaler.writer import PAD_KEY, SHARD_PHASE
+from upscaler.format.writer import PAD_KEY, SHARD_PHASE
 
 SEED = "0:40,20:60,40:80"
 MKFS = {"xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"], "btrfs": ["mkfs.btrfs", "-q", "-f"]}

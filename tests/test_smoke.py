@@ -14,9 +14,10 @@ import pytest
 from gguf import GGUFReader
 
 from modelfactory import make_model
-from upscaler import llama_log, smoke
+from upscaler.checks import smoke
+from upscaler.checks.smoke import SmokeReport, run_smoke
 from upscaler.errors import SmokeError, UpscaleError
-from upscaler.smoke import SmokeReport, run_smoke
+from upscaler.quant import llama_log
 
 # Small windows and few tokens keep every run well under a second on the 4-layer fixture.
 FAST = dict(n_ctx=64, max_tokens_scored=160, n_predict=8, n_threads=1)

@@ -10,7 +10,7 @@ from gguf import GGUFValueType
 
 from helpers import cli, leftovers, metadata, tensor_bytes
 from modelfactory import eval_logits, make_model
-from upscaler.source import SourceModel
+from upscaler.format.source import SourceModel
 
 SEED_YAML = """\
 merge_method: passthrough

@@ -14,10 +14,10 @@ from gguf import GGUFValueType
 
 from helpers import cli
 from modelfactory import make_model
+from upscaler.checks.verify import format_report, verify_file
 from upscaler.errors import RecipeError, SourceError, UpscaleError
-from upscaler.imatrix import ImatrixData, LegacyEntry, save_imatrix
-from upscaler.source import SourceModel
-from upscaler.verify import format_report, verify_file
+from upscaler.format.source import SourceModel
+from upscaler.quant.imatrix import ImatrixData, LegacyEntry, save_imatrix
 
 SWA = "llama.attention.sliding_window_pattern"
 

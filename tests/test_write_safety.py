@@ -25,8 +25,8 @@ import pytest
 
 from helpers import ROOT, assert_one_line_error, cli, leftovers
 from modelfactory import make_model
-from upscaler.source import SourceModel
-from upscaler.writer import JOURNAL, TMP_MARK, clean_stale_temp
+from upscaler.format.source import SourceModel
+from upscaler.format.writer import JOURNAL, TMP_MARK, clean_stale_temp
 
 CMD = [sys.executable, "-c", "from upscaler.cli import main; main()"]
 ENV = {**os.environ, "COLUMNS": "120"}
@@ -350,7 +350,7 @@ def test_an_input_shard_is_never_replaced(tiny_llama_split: Path, tmp_path: Path
 
 KILL_AFTER_FIRST_RENAME = """
 import os, signal, sys
-import upscaler.writer as w
+import upscaler.format.writer as w
 real = os.replace
 def replace(src, dst):
     real(src, dst)

@@ -17,13 +17,13 @@ from typer.core import TyperCommand
 
 from . import __version__
 from .errors import UpscaleError
-from .metadata import base_models, recorded_lineage
+from .format.source import SourceModel, TensorReader
+from .format.tensor_data import Emitter
+from .format.writer import GGUFOutput, parse_size
 from .pipeline import prepare
+from .planning.metadata import base_models, recorded_lineage
 from .progress import BarProgress
-from .report import PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs, size_table, type_counts
-from .source import SourceModel, TensorReader
-from .tensor_data import Emitter
-from .writer import GGUFOutput, parse_size
+from .publish.report import PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs, size_table, type_counts
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Build deeper GGUF models from layer slices of existing ones (mergekit passthrough "
@@ -89,7 +89,7 @@ def _card_destination(enabled: bool, path: Optional[Path], output: Path, force: 
     """The model card's path, checked before any work so a refusal costs nothing."""
     if not enabled:
         return None
-    from .model_card import card_path, check_card_writable
+    from .publish.model_card import card_path, check_card_writable
     dest = card_path(path if path is not None else output)
     check_card_writable(dest, force=force, owner=output)
     return dest
@@ -101,7 +101,7 @@ def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, qu
         return
     import shlex
 
-    from .model_card import render_model_card, write_model_card
+    from .publish.model_card import render_model_card, write_model_card
     try:
         card = render_model_card(paths, sources=res.models, recipe_yaml=p.recipe.to_yaml(), smoke=smoke,
                                  quant_type=quant_type, command_line=shlex.join(["gguf-upscale", *sys.argv[1:]]),
@@ -109,7 +109,7 @@ def _write_card(dest: Optional[Path], paths: list[Path], res, p, force: bool, qu
         written = write_model_card(card, dest, force=force, owner=paths[0])
     except UpscaleError as e:
         raise UpscaleError(f"the output was written, but not its model card: {e}") from None
-    from .model_card import card_title
+    from .publish.model_card import card_title
     m = SourceModel(paths[0])
     _, note = card_title({k: v.value for k, v in m.kvs.items()}, m.path)
     if note:
@@ -167,7 +167,7 @@ def plan(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, c
     n_embd = int(first.arch_get("embedding_length") or 0)
     head_dim = int(first.arch_get("attention.key_length") or (n_embd // max(n_head, 1)))
     n_params = sum(t.source.n_elements for t in out.tensors)
-    from .quantizer import quantized_size
+    from .quant.quantizer import quantized_size
     sizes = {t: quantized_size(out, t) for t in PLAN_TYPES}
     stats = plan_stats(p, n_params, out.n_bytes, sizes, n_head_kv=n_head_kv, head_dim=head_dim)
     if as_json:
@@ -268,7 +268,7 @@ def _threads(n: Optional[int]) -> int:
 
 
 def _tensor_logger(verbose: bool):
-    from . import llama_log
+    from .quant import llama_log
     llama_log.install(verbose=verbose)
     if verbose:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -292,7 +292,7 @@ def _quant_summary(stats, model_in_bytes: int, paths: list[Path], qtype_name: st
 
 def _quant_epilog() -> str:
     """llama-quantize's types with their bits per weight, for --help (three columns fit 80)."""
-    from .quant_types import QUANT_TYPES, approx_bits_per_weight
+    from .quant.quant_types import QUANT_TYPES, approx_bits_per_weight
     cells = []
     for q in QUANT_TYPES:
         if q.only_copy:
@@ -312,7 +312,7 @@ def _quant_epilog() -> str:
 def _mixture(output_tensor_type: Optional[str], token_embedding_type: Optional[str], leave_output_tensor: bool,
              pure: bool, tensor_type: Optional[list[str]]):
     """llama-quantize's mixture options, parsed with its rules (errors name the option)."""
-    from .llama_quant import Mixture, parse_ggml_type, parse_tensor_type
+    from .quant.llama_quant import Mixture, parse_ggml_type, parse_tensor_type
     try:
         out_t = parse_ggml_type(output_tensor_type) if output_tensor_type else None
     except UpscaleError as e:
@@ -326,7 +326,7 @@ def _mixture(output_tensor_type: Optional[str], token_embedding_type: Optional[s
 
 
 def _kv_overrides(items: Optional[list[str]]) -> dict[str, Any]:
-    from .llama_quant import parse_kv_override
+    from .quant.llama_quant import parse_kv_override
     out: dict[str, Any] = {}
     for item in items or []:
         key, value = parse_kv_override(item)
@@ -357,8 +357,8 @@ def quantize(input: str = typer.Argument(..., metavar="IN.gguf", hidden=True),
     IN.gguf is a GGUF file or any shard of a set.
     """
     from .pipeline import check_imatrix_coverage, load_imatrix_option, requantize_warning, whole_model, write_quantized
-    from .quant_types import parse_quant_type
-    from .quantizer import assign_types
+    from .quant.quant_types import parse_quant_type
+    from .quant.quantizer import assign_types
     qtype = parse_quant_type(type_)
     mixture = _mixture(output_tensor_type, token_embedding_type, leave_output_tensor, pure, tensor_type)
     overrides = _kv_overrides(override_kv)
@@ -424,8 +424,8 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
         source_imatrix_lookup,
         write_quantized,
     )
-    from .quant_types import parse_quant_type
-    from .quantizer import assign_types
+    from .quant.quant_types import parse_quant_type
+    from .quant.quantizer import assign_types
     if mixture not in ("target", "source"):
         raise UpscaleError(f"--mixture must be target or source, got {mixture!r}")
     qtype = parse_quant_type(type_)
@@ -457,7 +457,7 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
     if no_smoke:
         _write_card(card, paths, res, p, force, quant_type=qtype.name)
         return
-    from .smoke import run_smoke
+    from .checks.smoke import run_smoke
     ref = res.models[p.embed_model].path
     finish = _finish_command(paths[0], ref, res, card, model_card_path, threads)
     kept = f"{paths[0]} is complete and kept"
@@ -499,7 +499,7 @@ def _finish_command(first: Path, ref: Path, res, card: Optional[Path], card_path
 
 def _smoke_threads(n: Optional[int]) -> int:
     """llama.cpp's decode threads: physical cores by default (hyper-threads and busy cores slow it)."""
-    from .llama_params import physical_cores
+    from .checks.llama_params import physical_cores
     if n is not None and n < 1:
         raise UpscaleError("--threads must be at least 1")
     return n or physical_cores()
@@ -509,7 +509,7 @@ def _scoring_progress():
     """A progress callback drawing tokens scored, elapsed time and ETA on a terminal; None in pipes."""
     if not sys.stderr.isatty():
         return None
-    from .smoke_progress import ScoringProgress
+    from .checks.smoke_progress import ScoringProgress
     return ScoringProgress()
 
 
@@ -591,7 +591,7 @@ def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=Tru
     MODEL.gguf is a GGUF file or the first shard of a set. llama.cpp runs in a child process on plain
     CPU buffers, so a crash inside it is one error line.
     """
-    from .smoke import SmokeThresholdError, run_smoke
+    from .checks.smoke import SmokeThresholdError, run_smoke
     _tensor_logger(verbose)
     if min_agreement is not None and not 0.0 <= min_agreement <= 1.0:
         raise UpscaleError("--min-agreement must be between 0 and 1")
@@ -625,7 +625,7 @@ def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=Tru
     else:
         _print_smoke(rep)
     if card is not None:
-        from .model_card import render_model_card, write_model_card
+        from .publish.model_card import render_model_card, write_model_card
         first = Path(rep.model)
         doc = render_model_card([first], sources=sources, recipe_yaml=None, smoke=rep.to_dict())
         written = write_model_card(doc, card, force=force, owner=first)
@@ -635,7 +635,7 @@ def smoke(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=Tru
 def _card_for_smoke(model_file: Path, reference: Optional[str], model_opts: Optional[list[str]],
                     card_path_opt: Optional[Path], force: bool):
     """Where `smoke --write-card` writes, and the source models the card names (from MODEL's lineage)."""
-    from .model_card import card_path, check_card_writable
+    from .publish.model_card import card_path, check_card_writable
     if not model_file.exists():
         raise UpscaleError(f"{model_file}: no such file")
     out = SourceModel(model_file)
@@ -677,8 +677,8 @@ def imatrix(imatrix_file: list[str] = typer.Argument(..., metavar="IMATRIX", hid
     IMATRIX is the imatrix computed on the source (legacy .dat or GGUF), or NAME=FILE per model of
     the recipe. The recipe is one of --slices, --config or --preset; --preset needs --source.
     """
-    from .imatrix import remap_imatrix, save_imatrix
     from .pipeline import parse_imatrix_options
+    from .quant.imatrix import remap_imatrix, save_imatrix
     if source is None and not model:
         layer_map_, models, embed, head_m = _imatrix_recipe_layers(slices, config, preset)
         ims = parse_imatrix_options(imatrix_file, models)
@@ -711,8 +711,8 @@ def _imatrix_recipe_layers(slices: Optional[str], config: Optional[str], preset:
     """The layer map of a recipe that fixes every layer range, without opening the source.
 
     Returns (output layer -> (model, source layer), model names, embedding model, head model)."""
-    from .recipe import load_yaml, parse_slices
-    from .resolve import choose_recipe
+    from .planning.recipe import load_yaml, parse_slices
+    from .planning.resolve import choose_recipe
     kind = choose_recipe(slices, config, preset)
     if kind == "--preset":
         raise UpscaleError("--preset sizes the recipe to the source's depth: give the source model with "
@@ -757,7 +757,7 @@ def verify(file: str = typer.Argument(..., metavar="OUT.gguf", hidden=True),
 
     OUT.gguf is an upscaled GGUF (any shard of a set).
     """
-    from .verify import format_report, verify_file
+    from .checks.verify import format_report, verify_file
     rep = verify_file(file, sources=source, models=model, imatrix=imatrix, n_threads=_threads(threads),
                       progress=BarProgress("verifying"))
     typer.echo(json.dumps(rep.to_dict(), indent=2) if as_json else format_report(rep))
@@ -801,7 +801,7 @@ def inspect(file: str = typer.Argument(..., metavar="FILE.gguf", hidden=True),
 
 
 def _lineage_text(lineage: dict[str, Any]) -> str:
-    from .plan import OutputLayer
+    from .planning.plan import OutputLayer
     layers = [OutputLayer(i, m, j, 0) for i, (m, j) in enumerate(lineage["layers"])]
     return "\n".join(f"  out {oa:>4}-{ob:<4} <- {m} {sa}-{sb}" for oa, ob, m, sa, sb, _ in runs(layers))
 

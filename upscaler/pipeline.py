@@ -16,15 +16,15 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
 
 from .errors import ImatrixError, QuantizeError
-from .imatrix import ImatrixData, imatrix_metadata, load_imatrix, quantize_entries
-from .output import OutputModel, OutTensor, build_output
-from .plan import Plan, build_plan
-from .quant_types import TENSOR_TYPES_NEEDING_IMATRIX, QuantType
-from .quantizer import QuantEmitter, QuantStats
-from .resolve import Resolved, resolve
-from .source import KV, SourceModel, TensorReader
-from .tensor_data import check_scalable
-from .writer import GGUFOutput, Progress
+from .format.source import KV, SourceModel, TensorReader
+from .format.tensor_data import check_scalable
+from .format.writer import GGUFOutput, Progress
+from .planning.output import OutputModel, OutTensor, build_output
+from .planning.plan import Plan, build_plan
+from .planning.resolve import Resolved, resolve
+from .quant.imatrix import ImatrixData, imatrix_metadata, load_imatrix, quantize_entries
+from .quant.quant_types import TENSOR_TYPES_NEEDING_IMATRIX, QuantType
+from .quant.quantizer import QuantEmitter, QuantStats
 
 Warn = Callable[[list[str]], None]
 

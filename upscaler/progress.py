@@ -16,7 +16,7 @@ from rich.progress import (
 )
 from rich.table import Column
 
-from .output import OutTensor
+from .planning.output import OutTensor
 
 
 class BarProgress:

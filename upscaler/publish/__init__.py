@@ -1,0 +1,7 @@
+"""Publishing: the model card (model_card) and human-readable figures (report).
+"""
+
+__all__ = [
+    "model_card",
+    "report",
+]
