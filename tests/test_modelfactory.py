@@ -229,6 +229,9 @@ def test_every_registered_arch_runs(tmp_path: Path, arch: str, load_llama) -> No
     assert (probs.max(axis=1) < 0.9).all() and (probs.max(axis=1) > 5 / 512).all()
     assert llm.create_completion("hello", max_tokens=3, temperature=0.0)["usage"]["completion_tokens"] >= 1
     # Tensor order does not change the model: same names -> same per-tensor RNG -> same logits.
+    # A property of the fixture maker, not of each family: checked on a few different layouts.
+    if arch not in ("llama", "qwen2moe", "deci", "gemma2", "falcon"):
+        return
     hf = make_model(tmp_path / f"{arch}-hf.gguf", arch=arch, dtype="Q8_0", name=f"Tiny {arch}", tensor_order="hf")
     np.testing.assert_array_equal(logits, eval_logits(load_llama(hf), tokens))
 
