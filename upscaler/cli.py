@@ -642,12 +642,8 @@ def _card_for_smoke(model_file: Path, reference: Optional[str], model_opts: Opti
     lineage = recorded_lineage({k: v.value for k, v in out.kvs.items()})
     if lineage is None:
         raise UpscaleError(f"{out.path}: not an upscaled GGUF (no upscale.* lineage keys); --write-card needs one")
-    given: dict[str, str] = {}
-    for item in model_opts or []:
-        name, eq, path = item.partition("=")
-        if not eq or not name or not path:
-            raise UpscaleError(f"--model {item}: expected NAME=PATH")
-        given[name] = path
+    from .planning.resolve import parse_model_options
+    given = parse_model_options(model_opts)
     names = list(lineage["source_models"])
     if len(names) == 1 and names[0] not in given and reference is not None:
         given[names[0]] = reference
