@@ -14,7 +14,7 @@ import pytest
 from gguf import GGUFReader
 
 from modelfactory import make_model
-from upscaler.checks import smoke
+from upscaler.checks import kl_stats, llama_session, smoke
 from upscaler.checks.smoke import SmokeReport, run_smoke
 from upscaler.errors import SmokeError, UpscaleError
 from upscaler.quant import llama_log
@@ -118,7 +118,7 @@ def test_reference_with_another_vocab_is_refused(tiny_llama: Path, tmp_path: Pat
 
 @pytest.mark.parametrize("n_tokens,n_ctx,max_scored", [(10, 64, 100), (200, 64, 1000), (200, 64, 100), (65, 64, 64), (7, 9, 6)])
 def test_windows_score_every_token_once_with_context(n_tokens: int, n_ctx: int, max_scored: int) -> None:
-    windows = smoke._windows(n_tokens, n_ctx, max_scored)
+    windows = llama_session.text_windows(n_tokens, n_ctx, max_scored)
     scored: list[int] = []
     for i, (begin, end, score_from) in enumerate(windows):
         assert end - begin <= n_ctx
@@ -148,20 +148,20 @@ def test_generation_is_greedy_and_deterministic(tiny_llama: Path) -> None:
 def test_japanese_round_trips_through_byte_pieces(tiny_llama: Path, load_llama) -> None:
     """Byte-fallback tokens split characters; joining bytes before decoding restores them."""
     llm = load_llama(tiny_llama)
-    vocab = smoke._vocab(llm)
+    vocab = llama_session.vocab_of(llm)
     text = "日本語のテキスト、東京へ行きます。"
-    tokens = smoke._tokenize(vocab, text)
-    pieces = [smoke._piece(vocab, t) for t in tokens]
+    tokens = llama_session.tokenize(vocab, text)
+    pieces = [llama_session.token_piece(vocab, t) for t in tokens]
     partial = [p for p in pieces if p]
     assert any(_invalid_utf8(p) for p in partial), "expected byte-fallback fragments"
     assert tokens[0] == 1  # BOS; SentencePiece then prefixes the text with a space
-    assert smoke._detokenize(vocab, tokens[1:]) == " " + text
+    assert llama_session.detokenize(vocab, tokens[1:]) == " " + text
     # Cut inside the last character: the fragment is dropped, not shown as U+FFFD.
-    assert smoke._detokenize(vocab, tokens[1:-2]) == " " + text[:-1]
+    assert llama_session.detokenize(vocab, tokens[1:-2]) == " " + text[:-1]
     # A stray continuation byte in the middle is the model's fault and stays visible.
     stray = 3 + 0x80  # <0x80>: the fixture vocab keeps byte tokens at ids 3..258
-    assert smoke._piece(vocab, stray) == b"\x80"
-    assert smoke._detokenize(vocab, [stray, *tokens[1:]]) == "\ufffd " + text
+    assert llama_session.token_piece(vocab, stray) == b"\x80"
+    assert llama_session.detokenize(vocab, [stray, *tokens[1:]]) == "\ufffd " + text
 
 
 def _invalid_utf8(b: bytes) -> bool:
@@ -232,10 +232,10 @@ def test_non_finite_logits_name_the_token(tiny_llama: Path, tmp_path: Path, load
     """
     clean = "hello world the cat and the sun. " * 8
     text = clean + "the dog"
-    vocab = smoke._vocab(load_llama(tiny_llama))
-    tokens = smoke._tokenize(vocab, text)
-    dog = smoke._tokenize(vocab, " dog")[-1]
-    assert tokens.index(dog) > 40 and dog not in smoke._tokenize(vocab, clean)
+    vocab = llama_session.vocab_of(load_llama(tiny_llama))
+    tokens = llama_session.tokenize(vocab, text)
+    dog = llama_session.tokenize(vocab, " dog")[-1]
+    assert tokens.index(dog) > 40 and dog not in llama_session.tokenize(vocab, clean)
     bad = _poisoned_copy(tiny_llama, tmp_path / "nan.gguf", dog)
     run_smoke(bad, prompt="hello", text=clean, **FAST)  # fine while the token is never seen
     with pytest.raises(SmokeError, match=r"^model nan\.gguf produced non-finite logits at token (\d+)$") as e:
@@ -349,7 +349,7 @@ def test_numbers_match_a_direct_computation(tiny_llama: Path, tiny_llama_q8: Pat
 
     text = "the cat and the dog in the sun, hello world. 日本語"
     r = run_smoke(tiny_llama_q8, reference=tiny_llama, text=text, **FAST)
-    tokens = smoke._tokenize(smoke._vocab(load_llama(tiny_llama)), text)
+    tokens = llama_session.tokenize(llama_session.vocab_of(load_llama(tiny_llama)), text)
     assert len(tokens) <= FAST["n_ctx"]  # one window: every position after the first is scored
     p_logits = eval_logits(load_llama(tiny_llama, n_threads=1), tokens)[:-1].astype(np.float64)
     q_logits = eval_logits(load_llama(tiny_llama_q8, n_threads=1), tokens)[:-1].astype(np.float64)
@@ -432,7 +432,7 @@ def test_statistics_follow_llama_perplexity(tiny_llama: Path, noisy_llama: Path,
     r = run_smoke(noisy_llama, reference=tiny_llama, text=text, n_ctx=n_ctx, max_tokens_scored=1000,
                   n_predict=1, n_threads=1, windows=windows)
     ref_llm, llm = load_llama(tiny_llama, n_threads=1), load_llama(noisy_llama, n_threads=1)
-    tokens = smoke._tokenize(smoke._vocab(ref_llm), text)
+    tokens = llama_session.tokenize(llama_session.vocab_of(ref_llm), text)
     nll_q, nll_p, kld, same = [], [], [], []
     if windows == "chunks":
         assert len(tokens) >= 2 * n_ctx
@@ -446,7 +446,7 @@ def test_statistics_follow_llama_perplexity(tiny_llama: Path, noisy_llama: Path,
                 acc += vals
         assert r.n_tokens_scored == (len(tokens) // n_ctx) * (n_ctx - 1 - n_ctx // 2)
     else:
-        for begin, end, score_from in smoke._windows(len(tokens), n_ctx, 1000):
+        for begin, end, score_from in llama_session.text_windows(len(tokens), n_ctx, 1000):
             window = list(tokens[begin:end])
             if begin:
                 window[0] = 1
@@ -466,21 +466,21 @@ def test_statistics_follow_llama_perplexity(tiny_llama: Path, noisy_llama: Path,
 
 
 def test_statistics_known_answers() -> None:
-    assert smoke.mean_and_uncertainty(np.array([1.0, 3.0])) == (2.0, 0.0)  # 10 values or fewer: no uncertainty
+    assert kl_stats.mean_and_uncertainty(np.array([1.0, 3.0])) == (2.0, 0.0)  # 10 values or fewer: no uncertainty
     x = np.arange(1.0, 12.0)  # 11 values, mean 6, population variance 10
-    assert smoke.mean_and_uncertainty(x) == (6.0, math.sqrt(10 / 10))
-    assert smoke.covariance(x[:9], x[:9]) == 0.0 and math.isclose(smoke.covariance(x, x), 10 / 10)
+    assert kl_stats.mean_and_uncertainty(x) == (6.0, math.sqrt(10 / 10))
+    assert kl_stats.covariance(x[:9], x[:9]) == 0.0 and math.isclose(kl_stats.covariance(x, x), 10 / 10)
     v = np.array([0.0, 1.0, 2.0, 10.0], dtype=np.float32)
-    assert smoke.median(v) == 1.5 and smoke.median(v[:3]) == 1.0
-    assert smoke.percentile(v, 0.5) == 1.5 and smoke.percentile(v, 1.0) == 10.0
-    assert math.isclose(smoke.percentile(v, 0.99), 10.0 - 0.03 * 8, rel_tol=1e-6)  # p = 2.97: 0.03*2 + 0.97*10
-    s = smoke.kl_statistics(np.full(20, 2.0), np.full(20, 1.0), np.zeros(20), np.ones(20, dtype=bool))
+    assert kl_stats.median(v) == 1.5 and kl_stats.median(v[:3]) == 1.0
+    assert kl_stats.percentile(v, 0.5) == 1.5 and kl_stats.percentile(v, 1.0) == 10.0
+    assert math.isclose(kl_stats.percentile(v, 0.99), 10.0 - 0.03 * 8, rel_tol=1e-6)  # p = 2.97: 0.03*2 + 0.97*10
+    s = kl_stats.kl_statistics(np.full(20, 2.0), np.full(20, 1.0), np.zeros(20), np.ones(20, dtype=bool))
     assert math.isclose(s.perplexity_ratio, math.e) and s.perplexity_ratio_uncertainty == 0.0
     assert s.top1_agreement == 1.0 and s.top1_agreement_uncertainty == 0.0 and s.kl_divergence_max == 0.0
 
 
 def test_chunk_windows_are_llama_perplexity_chunks() -> None:
-    assert smoke._windows(300, 64, 10_000, "chunks") == [(i * 64, i * 64 + 64, i * 64 + 33) for i in range(4)]
-    assert smoke._windows(300, 64, 62, "chunks") == [(0, 64, 33), (64, 128, 97)]  # 31 scored per chunk
+    assert llama_session.text_windows(300, 64, 10_000, "chunks") == [(i * 64, i * 64 + 64, i * 64 + 33) for i in range(4)]
+    assert llama_session.text_windows(300, 64, 62, "chunks") == [(0, 64, 33), (64, 128, 97)]  # 31 scored per chunk
     with pytest.raises(SmokeError, match="too short for chunks of 64 tokens"):
-        smoke._windows(63, 64, 100, "chunks")
+        llama_session.text_windows(63, 64, 100, "chunks")

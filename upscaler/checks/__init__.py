@@ -1,10 +1,13 @@
-"""Checks of a written model: the smoke test (smoke) and `verify` (verify, with its report,
+"""Checks of a written model: the smoke test (smoke, on llama_session's llama.cpp plumbing and
+kl_stats' llama-perplexity statistics) and `verify` (verify, with its report,
 streaming digests, output file, lineage, recipe replay, sources, metadata and tensor checks).
 """
 
 __all__ = [
     "eval_worker",
+    "kl_stats",
     "llama_params",
+    "llama_session",
     "smoke",
     "smoke_progress",
     "verify",

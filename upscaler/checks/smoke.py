@@ -47,32 +47,42 @@ probabilities below e^-16; our KL sums the whole vocabulary in float64).
 
 from __future__ import annotations
 
-import codecs
-import ctypes
-import io
 import math
 import tempfile
 import time
-from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from ..errors import SmokeError
 from ..quant import llama_log
 from .eval_worker import Reporter, run_isolated
-from .llama_params import model_params, open_llama
+from .kl_stats import kl_statistics, mean_and_uncertainty, perplexity_of
+from .llama_session import (
+    WINDOWS,
+    Decoder,
+    check_finite,
+    checked_model_path,
+    count_scored,
+    detokenize,
+    logsumexp,
+    model_facts,
+    open_model,
+    text_windows,
+    token_piece,
+    tokenize,
+    vocab_of,
+    vocab_only_tokens,
+)
 
 __all__ = [
     "DEFAULT_MAX_TOKENS_SCORED",
     "DEFAULT_PROMPT",
-    "KLStatistics",
     "SmokeReport",
     "SmokeThresholdError",
-    "kl_statistics",
     "default_text",
     "run_smoke",
 ]
@@ -138,222 +148,22 @@ class SmokeReport:
         return d
 
 
-# --------------------------------------------------------------------------- llama.cpp plumbing
-
-
-@contextmanager
-def _open(path: str | Path, *, what: str, n_ctx: int, n_threads: int | None) -> Iterator[Any]:
-    """Load a model with llama.cpp's log captured; a refusal becomes a one-line SmokeError.
-
-    ``n_batch`` is half a window: that bounds llama.cpp's logits buffer (see module doc).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SmokeError(f"{what} {path}: no such file")
-    verbose = llama_log.is_verbose()
-    piece = max(1, n_ctx // 2)
-    prints = io.StringIO()  # llama-cpp-python's own print()s when verbose
-    with llama_log.capture() as lines, redirect_stdout(prints), redirect_stderr(prints):
-        try:
-            llm = open_llama(
-                path,
-                n_ctx=n_ctx,
-                n_batch=piece,
-                n_ubatch=piece,
-                n_threads=n_threads,
-                n_threads_batch=n_threads,
-                logits_all=False,  # we request logits per position through the batch API
-                verbose=verbose,
-            )
-        except Exception as exc:  # llama-cpp-python raises ValueError/RuntimeError with no reason
-            why = llama_log.reason(lines) or str(exc) or type(exc).__name__
-            raise SmokeError(f"{what} {path} failed to load: {why}") from None
-    for line in prints.getvalue().splitlines():
-        if line.strip():
-            llama_log.logger.debug("%s", line)
-    llm.verbose = False  # keep later calls from print()ing to stderr
-    try:
-        yield llm
-    finally:
-        llm.close()
-
-
-def _vocab(llm: Any) -> Any:
-    """The llama_vocab pointer of a loaded model (public C API, not llama-cpp-python internals)."""
-    import llama_cpp
-
-    return llama_cpp.llama_model_get_vocab(llm.model)
-
-
-def _tokenize(vocab: Any, text: str) -> list[int]:
-    """Tokenize like llama.cpp's tools: the vocab's own BOS/EOS rule, special tokens as text."""
-    import llama_cpp
-
-    data = text.encode("utf-8")
-    cap = len(data) + 16
-    while True:
-        buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(vocab, data, len(data), buf, cap, True, False)
-        if n >= 0:
-            return list(buf[:n])
-        cap = -n
-
-
-def _piece(vocab: Any, token: int) -> bytes:
-    """Raw bytes of one token (may be a fragment of a UTF-8 character)."""
-    import llama_cpp
-
-    size = 64
-    while True:
-        buf = ctypes.create_string_buffer(size)
-        n = llama_cpp.llama_token_to_piece(vocab, token, buf, size, 0, False)
-        if n >= 0:
-            return buf.raw[:n]
-        size = -n
-
-
-def _detokenize(vocab: Any, tokens: Sequence[int]) -> str:
-    """Join byte pieces first, decode once: byte-level tokens split characters across tokens.
-
-    A character left incomplete at the very end (generation stopped mid-character) is
-    dropped; invalid bytes anywhere else show as U+FFFD, since those are the model's doing.
-    """
-    data = b"".join(_piece(vocab, t) for t in tokens)
-    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data, final=False)
-
-
-def checked_model_path(path: str | Path, what: str, text: str = "") -> Path:
-    """The file llama.cpp should load (the first shard of a set), after our strict header reader
-    accepted every shard and nothing in it would make llama.cpp abort: a truncated or crafted
-    file becomes a one-line error naming it here, instead of a crash in llama.cpp."""
-    from ..format.source import SourceModel
-
-    if not Path(path).exists():
-        raise SmokeError(f"{what} {path}: no such file")
-    model = SourceModel(path)
-    model.check_loadable(run=True)
-    missing = _missing_byte_token(model, text)
-    if missing is not None:
-        raise SmokeError(f"{what} {model.path}: its vocabulary has no byte token <0x{missing:02X}>, which llama.cpp's "
-                         "tokenizer needs for this text (a missing one makes it abort)")
-    return model.path
-
-
-_BYTE_FALLBACK_VOCABS = ("llama", "t5", "plamo2")  # SPM, UGM, PLaMo-2: byte_to_token uses map::at
-
-
-def _missing_byte_token(model: Any, text: str) -> int | None:
-    """A byte of `text` llama.cpp's byte fallback could not map (it throws through the C API)."""
-    kind = model.get("tokenizer.ggml.model")
-    if kind not in _BYTE_FALLBACK_VOCABS:
-        return None
-    tokens = model.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list):
-        return None
-    known = set(tokens)
-    for b in sorted(set(text.encode("utf-8"))):
-        plain_ok = kind != "plamo2" and b < 0x80 and chr(b) in known  # SPM/UGM also try the raw byte
-        if f"<0x{b:02X}>" not in known and not plain_ok:
-            return b
-    return None
-
-
-def _vocab_only_tokens(path: str | Path, text: str) -> tuple[list[int], int]:
-    """Tokenize with a model's vocab without loading its weights (cheap early mismatch check)."""
-    import llama_cpp
-
-    params = model_params(vocab_only=True)
-    with llama_log.capture() as lines:
-        model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
-    if not model:
-        raise SmokeError(f"reference {path} failed to load: {llama_log.reason(lines) or 'unknown reason'}")
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(model)
-        return _tokenize(vocab, text), llama_cpp.llama_vocab_n_tokens(vocab)
-    finally:
-        llama_cpp.llama_model_free(model)
-
-
-class _Decoder:
-    """One reusable llama_batch on one context, with logits requested per position."""
-
-    def __init__(self, llm: Any, what: str) -> None:
-        import llama_cpp
-
-        self._llama_cpp = llama_cpp
-        self.ctx = llm.ctx
-        self.what = what
-        self.n_vocab = llama_cpp.llama_vocab_n_tokens(_vocab(llm))
-        self.capacity = llm.n_batch
-        self.batch = llama_cpp.llama_batch_init(self.capacity, 0, 1)
-
-    def close(self) -> None:
-        self._llama_cpp.llama_batch_free(self.batch)
-
-    def clear(self) -> None:
-        """Forget the KV cache: every window starts from an empty context."""
-        lc = self._llama_cpp
-        lc.llama_memory_clear(lc.llama_get_memory(self.ctx), True)
-
-    def decode(self, tokens: Sequence[int], pos0: int, want: Sequence[bool]) -> np.ndarray:
-        """Decode ``tokens`` at positions ``pos0..``; return logits rows for ``want`` positions.
-
-        The returned array is a view of llama.cpp's buffer: valid until the next decode.
-        """
-        n = len(tokens)
-        if n > self.capacity:
-            raise ValueError(f"batch of {n} tokens exceeds capacity {self.capacity}")
-        b = self.batch
-        b.n_tokens = n
-        n_out = 0
-        for i, tok in enumerate(tokens):
-            b.token[i] = tok
-            b.pos[i] = pos0 + i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = 1 if want[i] else 0
-            n_out += bool(want[i])
-        with llama_log.capture() as lines:
-            rc = self._llama_cpp.llama_decode(self.ctx, b)
-        if rc != 0:
-            why = llama_log.reason(lines) or f"llama_decode returned {rc}"
-            raise SmokeError(f"{self.what} failed to evaluate tokens {pos0}..{pos0 + n - 1}: {why}")
-        if n_out == 0:
-            return np.empty((0, self.n_vocab), dtype=np.float32)
-        ptr = self._llama_cpp.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
-
-
-def _check_finite(x: np.ndarray, what: str, first_pos: int) -> None:
-    bad = ~np.isfinite(x).all(axis=1)
-    if bad.any():
-        raise SmokeError(f"{what} produced non-finite logits at token {first_pos + int(np.argmax(bad))}")
-
-
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-sum-exp in float64, stable for any finite logits (one temporary)."""
-    m = x.max(axis=1, keepdims=True)
-    t = np.subtract(x, m)
-    np.exp(t, out=t)
-    return m[:, 0] + np.log(t.sum(axis=1))
-
-
 # --------------------------------------------------------------------------- generation
 
 
 def _generate(llm: Any, prompt: str, n_predict: int, what: str = "model") -> tuple[str, int]:
-    """Greedy continuation of the raw prompt; bytes are joined before decoding (see _detokenize)."""
+    """Greedy continuation of the raw prompt; bytes are joined before decoding (see detokenize)."""
     import llama_cpp
 
-    vocab = _vocab(llm)
-    tokens = _tokenize(vocab, prompt)
+    vocab = vocab_of(llm)
+    tokens = tokenize(vocab, prompt)
     if not tokens:
         raise SmokeError("prompt is empty")
     n_ctx = llm.n_ctx()
     if len(tokens) >= n_ctx:
         raise SmokeError(f"prompt is {len(tokens)} tokens, does not fit the context of {n_ctx}")
     budget = min(n_predict, n_ctx - len(tokens))
-    dec = _Decoder(llm, what)
+    dec = Decoder(llm, what)
     out: list[int] = []
     try:
         dec.clear()
@@ -365,7 +175,7 @@ def _generate(llm: Any, prompt: str, n_predict: int, what: str = "model") -> tup
         pos = len(tokens)
         for _ in range(budget):
             row = logits[-1:].astype(np.float64)
-            _check_finite(row, what, pos - 1)
+            check_finite(row, what, pos - 1)
             tok = int(row[0].argmax())
             if llama_cpp.llama_vocab_is_eog(vocab, tok):
                 break
@@ -375,7 +185,7 @@ def _generate(llm: Any, prompt: str, n_predict: int, what: str = "model") -> tup
     finally:
         dec.clear()
         dec.close()
-    return _detokenize(vocab, out), len(out)
+    return detokenize(vocab, out), len(out)
 
 
 def _chat(llm: Any, prompt: str, n_predict: int, what: str = "model") -> tuple[str, int]:
@@ -400,41 +210,6 @@ def _chat(llm: Any, prompt: str, n_predict: int, what: str = "model") -> tuple[s
 
 
 # --------------------------------------------------------------------------- perplexity / KL
-
-WINDOWS = ("sliding", "chunks")
-
-
-def _windows(n_tokens: int, n_ctx: int, max_scored: int, mode: str = "sliding") -> list[tuple[int, int, int]]:
-    """(begin, end, score_from) per window; targets tokens[score_from:end] (see module doc).
-
-    ``chunks`` is llama-perplexity's layout: disjoint windows of ``n_ctx`` tokens, each scoring
-    the tokens after its first half (``n_ctx - 1 - n_ctx // 2`` per chunk), whole chunks only.
-    """
-    if mode == "chunks":
-        per_chunk = n_ctx - 1 - n_ctx // 2
-        n_chunk = min(n_tokens // n_ctx, max(1, max_scored // per_chunk))
-        if n_chunk < 1:
-            raise SmokeError(f"text is too short for chunks of {n_ctx} tokens: {n_tokens} token(s)")
-        return [(i * n_ctx, (i + 1) * n_ctx, i * n_ctx + n_ctx // 2 + 1) for i in range(n_chunk)]
-    if mode != "sliding":
-        raise SmokeError(f"windows must be one of {', '.join(WINDOWS)}, got {mode!r}")
-    n_use = min(n_tokens, max_scored + 1)
-    if n_use < 2:
-        raise SmokeError(f"text is too short to score: {n_tokens} token(s)")
-    keep = n_ctx - max(1, n_ctx // 2)  # context carried into the next window
-    out = []
-    begin, scored_to = 0, 1
-    while scored_to < n_use:
-        end = min(begin + n_ctx, n_use)
-        out.append((begin, end, scored_to))
-        scored_to = end
-        begin = end - keep
-    return out
-
-
-def _n_scored(windows: list[tuple[int, int, int]]) -> int:
-    return sum(end - score_from for _, end, score_from in windows)
-
 
 @dataclass
 class _Kept:
@@ -495,13 +270,13 @@ def _score(
     """
     import llama_cpp
 
-    vocab = _vocab(llm)
+    vocab = vocab_of(llm)
     bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else -1
-    dec = _Decoder(llm, what)
+    dec = Decoder(llm, what)
     n_vocab = dec.n_vocab
     chunk_rows = max(1, chunk_bytes // (n_vocab * 8))
     tok_arr = np.asarray(tokens, dtype=np.int64)
-    n_rows = _n_scored(windows)
+    n_rows = count_scored(windows)
     s = _Scores(np.empty(n_rows))
     if against is not None:
         s.kl, s.agree = np.empty(n_rows), np.empty(n_rows, dtype=bool)
@@ -546,8 +321,8 @@ def _accumulate(
 ) -> None:
     """Score one chunk of logits rows (row i at text position pos+i predicts tokens[pos+i+1])."""
     x = rows.astype(np.float64)
-    _check_finite(x, what, pos)
-    lse = _logsumexp(x)
+    check_finite(x, what, pos)
+    lse = logsumexp(x)
     targets = tokens[pos + 1 : pos + 1 + len(x)]
     s.nll[k] = lse - x[np.arange(len(x)), targets]
     if keep is not None:
@@ -564,108 +339,6 @@ def _accumulate(
         s.kl[k] = np.einsum("ij,ij->i", np.exp(logp, out=logp), diff)
         s.agree[k] = top == against.argmax[k]
 
-
-def _perplexity(mean_nll: float, what: str) -> float:
-    try:
-        return math.exp(mean_nll)
-    except OverflowError:
-        raise SmokeError(f"{what} perplexity overflows (mean negative log-likelihood {mean_nll:.1f} nats)") from None
-
-
-# --------------------------------------------------------------------------- llama-perplexity's statistics
-# Transcribed from llama.cpp tools/perplexity/perplexity.cpp (kl_divergence()), so the figures
-# read exactly as `llama-perplexity --kl-divergence` prints them for the same per-token values.
-
-
-def mean_and_uncertainty(values: np.ndarray) -> tuple[float, float]:
-    """Mean and its standard error; 0 uncertainty for 10 values or fewer (llama.cpp's rule)."""
-    count = len(values)
-    if count < 1:
-        return 0.0, 0.0
-    v = np.asarray(values, dtype=np.float64)
-    f = float(v.sum()) / count
-    df = float((v * v).sum()) / count - f * f
-    return f, (math.sqrt(df / (count - 1)) if df > 0 and count > 10 else 0.0)
-
-
-def covariance(a: np.ndarray, b: np.ndarray) -> float:
-    """Covariance of the two means (not of the values): 0 below 10 values, as llama.cpp."""
-    count = len(a)
-    if count < 10:
-        return 0.0
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return (float((a64 * b64).sum()) / count - float(a64.sum()) / count * (float(b64.sum()) / count)) / (count - 1)
-
-
-def percentile(sorted_values: np.ndarray, fraction: float) -> float:
-    """llama.cpp's interpolated percentile of float values sorted ascending (float32 arithmetic)."""
-    v = np.asarray(sorted_values, dtype=np.float32)
-    if fraction <= 0:
-        return float(v[0])
-    if fraction >= 1:
-        return float(v[-1])
-    p = np.float32(fraction) * np.float32(len(v) - 1)
-    ip = int(p)
-    p = np.float32(p - np.float32(ip))
-    return float((np.float32(1) - p) * v[ip] + p * v[min(ip + 1, len(v) - 1)])
-
-
-def median(sorted_values: np.ndarray) -> float:
-    v = np.asarray(sorted_values, dtype=np.float32)
-    n = len(v)
-    return float(np.float32(0.5) * (v[n // 2] + v[n // 2 - 1])) if n % 2 == 0 else float(v[n // 2])
-
-
-@dataclass
-class KLStatistics:
-    """What `llama-perplexity --kl-divergence` reports, from per-token values (Q = model, base = reference)."""
-
-    perplexity: float
-    perplexity_uncertainty: float
-    reference_perplexity: float
-    reference_perplexity_uncertainty: float
-    perplexity_ratio: float
-    perplexity_ratio_uncertainty: float
-    kl_divergence: float
-    kl_divergence_uncertainty: float
-    kl_divergence_median: float
-    kl_divergence_p99: float
-    kl_divergence_max: float
-    top1_agreement: float
-    top1_agreement_uncertainty: float
-
-
-def kl_statistics(nll_q: np.ndarray, nll_base: np.ndarray, kl: np.ndarray, same_top: np.ndarray) -> KLStatistics:
-    """llama.cpp's formulas: PPL = exp(mean NLL) ± PPL·σ(mean NLL); the ratio's uncertainty
-    accounts for the covariance of the two NLLs; "same top p" ± sqrt(p(1-p)/(n-1))."""
-    n = len(kl)
-    log_ppl = mean_and_uncertainty(nll_q)
-    log_ppl_base = mean_and_uncertainty(nll_base)
-    cov = covariance(nll_q, nll_base)
-    ratio_log = log_ppl[0] - log_ppl_base[0]
-    ratio_log_unc = math.sqrt(max(0.0, log_ppl[1] ** 2 + log_ppl_base[1] ** 2 - 2.0 * cov))
-    ppl = _perplexity(log_ppl[0], "model")
-    ppl_base = _perplexity(log_ppl_base[0], "reference")
-    ratio = math.exp(ratio_log)
-    kld = mean_and_uncertainty(kl)
-    ordered = np.sort(np.asarray(kl, dtype=np.float32))
-    same = float(np.count_nonzero(same_top)) / n
-    same_unc = math.sqrt(same * (1.0 - same) / (n - 1)) if n > 1 else 0.0
-    return KLStatistics(
-        perplexity=ppl, perplexity_uncertainty=ppl * log_ppl[1],
-        reference_perplexity=ppl_base, reference_perplexity_uncertainty=ppl_base * log_ppl_base[1],
-        perplexity_ratio=ratio, perplexity_ratio_uncertainty=ratio * ratio_log_unc,
-        kl_divergence=kld[0], kl_divergence_uncertainty=kld[1],
-        kl_divergence_median=median(ordered), kl_divergence_p99=percentile(ordered, 0.99),
-        kl_divergence_max=float(ordered[-1]),
-        top1_agreement=same, top1_agreement_uncertainty=same_unc,
-    )
-
-
-def _model_facts(llm: Any) -> tuple[int, int]:
-    import llama_cpp
-
-    return llama_cpp.llama_model_n_layer(llm.model), llama_cpp.llama_model_n_params(llm.model)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -770,17 +443,17 @@ def _evaluate(req: _Request, rep: Reporter) -> SmokeReport:
     if reference is not None:
         ref_label = f"reference {reference.name}"
         rep.stage(f"reading the vocabulary of {ref_label}")
-        ref_tokens, ref_n_vocab = _vocab_only_tokens(reference, req.text)
+        ref_tokens, ref_n_vocab = vocab_only_tokens(reference, req.text)
 
     rep.stage(f"loading {model_label}")
     t = time.perf_counter()
-    with _open(model_path, what="model", n_ctx=req.n_ctx, n_threads=req.n_threads) as llm:
+    with open_model(model_path, what="model", n_ctx=req.n_ctx, n_threads=req.n_threads) as llm:
         timings["load"] = time.perf_counter() - t
         extra_bufts = bool(llm.model_params.use_extra_bufts)
-        vocab = _vocab(llm)
+        vocab = vocab_of(llm)
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
-        n_layer, n_params = _model_facts(llm)
-        tokens = _tokenize(vocab, req.text)
+        n_layer, n_params = model_facts(llm)
+        tokens = tokenize(vocab, req.text)
         if ref_tokens is not None:
             _check_same_tokens(vocab, ref_tokens, ref_n_vocab, tokens, n_vocab)
 
@@ -793,8 +466,8 @@ def _evaluate(req: _Request, rep: Reporter) -> SmokeReport:
             raise SmokeError(msg if msg.startswith(model_label) else f"{model_label}: {msg}") from None
         timings["generate"] = time.perf_counter() - t
 
-        windows = _windows(len(tokens), req.n_ctx, req.max_tokens_scored, req.windows)
-        n_scored = _n_scored(windows)
+        windows = text_windows(len(tokens), req.n_ctx, req.max_tokens_scored, req.windows)
+        n_scored = count_scored(windows)
         kept = _Kept.allocate(n_scored, n_vocab, req.ram_budget) if reference is not None else None
         rep.stage(f"scoring {model_label}")
         t = time.perf_counter()
@@ -808,7 +481,7 @@ def _evaluate(req: _Request, rep: Reporter) -> SmokeReport:
         timings["perplexity"] = time.perf_counter() - t
 
     log_ppl = mean_and_uncertainty(scores.nll)
-    ppl = _perplexity(log_ppl[0], model_label)
+    ppl = perplexity_of(log_ppl[0], model_label)
     report = SmokeReport(
         model=str(model_path),
         loaded=True,
@@ -832,18 +505,18 @@ def _evaluate(req: _Request, rep: Reporter) -> SmokeReport:
         try:
             rep.stage(f"loading {ref_label}")
             t = time.perf_counter()
-            with _open(reference, what="reference", n_ctx=req.n_ctx, n_threads=req.n_threads) as ref:
+            with open_model(reference, what="reference", n_ctx=req.n_ctx, n_threads=req.n_threads) as ref:
                 rep.stage(f"scoring {ref_label}")
                 ref_scores = _score(ref, tokens, windows, what=ref_label, against=kept, chunk_bytes=req.chunk_bytes,
                                     progress=lambda d, n: rep.progress("reference", d, n))
-                report.reference_n_layer, report.reference_n_params = _model_facts(ref)
+                report.reference_n_layer, report.reference_n_params = model_facts(ref)
             timings["reference"] = time.perf_counter() - t
         finally:
             kept.close()
         assert ref_scores.kl is not None and ref_scores.agree is not None
         if not np.isfinite(ref_scores.kl).all():
             raise SmokeError("KL divergence against the reference is not finite")
-        _perplexity(float(ref_scores.nll.mean()), ref_label)  # overflow names the reference
+        perplexity_of(float(ref_scores.nll.mean()), ref_label)  # overflow names the reference
         stats = kl_statistics(scores.nll, ref_scores.nll, ref_scores.kl, ref_scores.agree)
         report.reference = str(reference)
         for key, value in asdict(stats).items():
@@ -862,7 +535,7 @@ def _check_same_tokens(vocab: Any, ref_tokens: list[int], ref_n_vocab: int, toke
         i = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), min(len(ref_tokens), len(tokens)))
         ref_tok = ref_tokens[i] if i < len(ref_tokens) else None
         tok = tokens[i] if i < len(tokens) else None
-        piece = _piece(vocab, tok) if tok is not None else b""
+        piece = token_piece(vocab, tok) if tok is not None else b""
         raise SmokeError(
             f"reference and model tokenize the text differently: first difference at token {i} "
             f"(reference id {ref_tok}, model id {tok} {piece.decode('utf-8', 'replace')!r}; "
