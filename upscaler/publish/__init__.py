@@ -1,7 +1,8 @@
-"""Publishing: the model card (model_card) and human-readable figures (report).
+"""Publishing: the model card (model_card), human-readable figures (report) and charts (charts).
 """
 
 __all__ = [
+    "charts",
     "model_card",
     "report",
 ]
