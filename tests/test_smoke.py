@@ -14,7 +14,7 @@ import pytest
 from gguf import GGUFReader
 
 from modelfactory import make_model
-from upscaler.checks import kl_stats, llama_session, smoke
+from upscaler.checks import kl_stats, llama_session, scoring, smoke
 from upscaler.checks.smoke import SmokeReport, run_smoke
 from upscaler.errors import SmokeError, UpscaleError
 from upscaler.quant import llama_log
@@ -91,8 +91,8 @@ def test_spilled_and_chunked_paths_give_the_same_numbers(
 ) -> None:
     """Kept logits in a temp-file memmap and 3-row log-softmax chunks change nothing."""
     ram = run_smoke(noisy_llama, reference=tiny_llama, **FAST)
-    monkeypatch.setattr(smoke, "_RAM_BUDGET", 0)
-    monkeypatch.setattr(smoke, "_CHUNK_BYTES", 3 * 512 * 8)
+    monkeypatch.setattr(scoring, "RAM_BUDGET", 0)
+    monkeypatch.setattr(scoring, "CHUNK_BYTES", 3 * 512 * 8)
     spilled = run_smoke(noisy_llama, reference=tiny_llama, **FAST)
     assert spilled.top1_agreement == ram.top1_agreement
     assert math.isclose(spilled.kl_divergence, ram.kl_divergence, rel_tol=1e-12)

@@ -48,17 +48,17 @@ probabilities below e^-16; our KL sums the whole vocabulary in float64).
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from ..errors import SmokeError
 from ..quant import llama_log
+from . import scoring
 from .eval_worker import Reporter, run_isolated
 from .kl_stats import kl_statistics, mean_and_uncertainty, perplexity_of
 from .llama_session import (
@@ -68,7 +68,6 @@ from .llama_session import (
     checked_model_path,
     count_scored,
     detokenize,
-    logsumexp,
     model_facts,
     open_model,
     text_windows,
@@ -77,6 +76,7 @@ from .llama_session import (
     vocab_of,
     vocab_only_tokens,
 )
+from .scoring import KeptLogits, score_windows
 
 __all__ = [
     "DEFAULT_MAX_TOKENS_SCORED",
@@ -90,10 +90,8 @@ __all__ = [
 DEFAULT_PROMPT = "Here is a short description of a quiet seaside town:"
 DEFAULT_MAX_TOKENS_SCORED = 1024
 _MIN_N_CTX = 8
-_RAM_BUDGET = 256 * 2**20  # kept logits above this go to a temporary file
-_CHUNK_BYTES = 8 * 2**20  # one float64 chunk of rows; at most ~3 live at once
-
-
+RAM_BUDGET = 256 * 2**20  # kept logits above this go to a temporary file
+CHUNK_BYTES = 8 * 2**20  # one float64 chunk of rows; at most ~3 live at once
 def default_text() -> str:
     """The packaged perplexity text (English prose with a Japanese paragraph)."""
     return resources.files("upscaler").joinpath("data/smoke_text.txt").read_text(encoding="utf-8")
@@ -209,138 +207,6 @@ def _chat(llm: Any, prompt: str, n_predict: int, what: str = "model") -> tuple[s
     return text, int(resp.get("usage", {}).get("completion_tokens", 0))
 
 
-# --------------------------------------------------------------------------- perplexity / KL
-
-@dataclass
-class _Kept:
-    """The model's logits at scored positions, kept while the reference is evaluated."""
-
-    logits: np.ndarray  # (n_scored, n_vocab) float32, RAM or memmap
-    lse: np.ndarray  # (n_scored,) float64
-    argmax: np.ndarray  # (n_scored,) int64
-    _file: Any = None
-
-    @classmethod
-    def allocate(cls, n_rows: int, n_vocab: int, ram_budget: int = _RAM_BUDGET) -> _Kept:
-        nbytes = n_rows * n_vocab * 4
-        f = None
-        logits: np.ndarray
-        if nbytes > ram_budget:
-            f = tempfile.TemporaryFile(prefix="gguf-upscale-smoke-")
-            logits = np.memmap(f, dtype=np.float32, mode="w+", shape=(n_rows, n_vocab))
-        else:
-            logits = np.empty((n_rows, n_vocab), dtype=np.float32)
-        return cls(logits, np.empty(n_rows), np.empty(n_rows, dtype=np.int64), f)
-
-    def close(self) -> None:
-        self.logits = np.empty((0, 0), dtype=np.float32)
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-@dataclass
-class _Scores:
-    """Per scored token: this model's NLL, and against kept logits the KL and top-1 match."""
-
-    nll: np.ndarray
-    kl: np.ndarray | None = None
-    agree: np.ndarray | None = None
-
-    @property
-    def n(self) -> int:
-        return len(self.nll)
-
-
-def _score(
-    llm: Any,
-    tokens: Sequence[int],
-    windows: list[tuple[int, int, int]],
-    *,
-    what: str,
-    keep: _Kept | None = None,
-    against: _Kept | None = None,
-    chunk_bytes: int = _CHUNK_BYTES,
-    progress: Callable[[int, int], None] | None = None,
-) -> _Scores:
-    """Evaluate the windows; record NLL per token, and either keep logits or compare with kept ones.
-
-    With ``against``, this model is the reference P and the kept logits are Q:
-    KL(P || Q) = sum_v P(v) (log P(v) - log Q(v)), per position, in nats.
-    """
-    import llama_cpp
-
-    vocab = vocab_of(llm)
-    bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) else -1
-    dec = Decoder(llm, what)
-    n_vocab = dec.n_vocab
-    chunk_rows = max(1, chunk_bytes // (n_vocab * 8))
-    tok_arr = np.asarray(tokens, dtype=np.int64)
-    n_rows = count_scored(windows)
-    s = _Scores(np.empty(n_rows))
-    if against is not None:
-        s.kl, s.agree = np.empty(n_rows), np.empty(n_rows, dtype=bool)
-    row0 = 0  # index into kept arrays
-    if progress is not None:
-        progress(0, n_rows)
-    try:
-        for begin, end, score_from in windows:
-            window = list(tokens[begin:end])
-            if begin > 0 and bos >= 0:
-                window[0] = bos  # as llama.cpp's perplexity: each window starts like a document
-            dec.clear()
-            for p0 in range(0, len(window), dec.capacity):
-                part = window[p0 : p0 + dec.capacity]
-                # logits at absolute position i predict token i+1: want i in [score_from-1, end-1)
-                want = [score_from - 1 <= begin + p0 + i < end - 1 for i in range(len(part))]
-                logits = dec.decode(part, p0, want)
-                if not len(logits):
-                    continue
-                first = begin + p0 + want.index(True)  # absolute position of logits row 0
-                for r in range(0, len(logits), chunk_rows):
-                    rows = logits[r : r + chunk_rows]
-                    _accumulate(s, rows, first + r, tok_arr, what, slice(row0, row0 + len(rows)), keep, against)
-                    row0 += len(rows)
-                if progress is not None:
-                    progress(row0, n_rows)
-    finally:
-        dec.clear()
-        dec.close()
-    return s
-
-
-def _accumulate(
-    s: _Scores,
-    rows: np.ndarray,
-    pos: int,
-    tokens: np.ndarray,
-    what: str,
-    k: slice,
-    keep: _Kept | None,
-    against: _Kept | None,
-) -> None:
-    """Score one chunk of logits rows (row i at text position pos+i predicts tokens[pos+i+1])."""
-    x = rows.astype(np.float64)
-    check_finite(x, what, pos)
-    lse = logsumexp(x)
-    targets = tokens[pos + 1 : pos + 1 + len(x)]
-    s.nll[k] = lse - x[np.arange(len(x)), targets]
-    if keep is not None:
-        keep.logits[k] = rows
-        keep.lse[k] = lse
-        keep.argmax[k] = x.argmax(axis=1)
-    if against is not None:
-        assert s.kl is not None and s.agree is not None
-        top = x.argmax(axis=1)
-        logp = np.subtract(x, lse[:, None], out=x)
-        diff = against.logits[k].astype(np.float64)
-        diff -= against.lse[k, None]  # log Q
-        np.subtract(logp, diff, out=diff)  # log P - log Q
-        s.kl[k] = np.einsum("ij,ij->i", np.exp(logp, out=logp), diff)
-        s.agree[k] = top == against.argmax[k]
-
-
-
 # --------------------------------------------------------------------------- entry point
 
 
@@ -411,7 +277,8 @@ def run_smoke(
     model_path = checked_model_path(model_path, "model", text + prompt)
     ref_path = checked_model_path(reference, "reference", text) if reference is not None else None
     req = _Request(str(model_path), str(ref_path) if ref_path else None, text, prompt, chat, n_predict, n_ctx,
-                   max_tokens_scored, n_threads, windows, llama_log.is_verbose(), _RAM_BUDGET, _CHUNK_BYTES)
+                   max_tokens_scored, n_threads, windows, llama_log.is_verbose(), scoring.RAM_BUDGET,
+                   scoring.CHUNK_BYTES)
     t_start = time.perf_counter()
     report: SmokeReport = run_isolated("upscaler.checks.smoke:_evaluate", req, on_progress=progress)
     report.elapsed = time.perf_counter() - t_start  # the child's start included
@@ -468,11 +335,11 @@ def _evaluate(req: _Request, rep: Reporter) -> SmokeReport:
 
         windows = text_windows(len(tokens), req.n_ctx, req.max_tokens_scored, req.windows)
         n_scored = count_scored(windows)
-        kept = _Kept.allocate(n_scored, n_vocab, req.ram_budget) if reference is not None else None
+        kept = KeptLogits.allocate(n_scored, n_vocab, req.ram_budget) if reference is not None else None
         rep.stage(f"scoring {model_label}")
         t = time.perf_counter()
         try:
-            scores = _score(llm, tokens, windows, what=model_label, keep=kept, chunk_bytes=req.chunk_bytes,
+            scores = score_windows(llm, tokens, windows, what=model_label, keep=kept, chunk_bytes=req.chunk_bytes,
                             progress=lambda d, n: rep.progress("model", d, n))
         except BaseException:
             if kept is not None:
@@ -507,8 +374,9 @@ def _evaluate(req: _Request, rep: Reporter) -> SmokeReport:
             t = time.perf_counter()
             with open_model(reference, what="reference", n_ctx=req.n_ctx, n_threads=req.n_threads) as ref:
                 rep.stage(f"scoring {ref_label}")
-                ref_scores = _score(ref, tokens, windows, what=ref_label, against=kept, chunk_bytes=req.chunk_bytes,
-                                    progress=lambda d, n: rep.progress("reference", d, n))
+                ref_scores = score_windows(ref, tokens, windows, what=ref_label, against=kept,
+                                           chunk_bytes=req.chunk_bytes,
+                                           progress=lambda d, n: rep.progress("reference", d, n))
                 report.reference_n_layer, report.reference_n_params = model_facts(ref)
             timings["reference"] = time.perf_counter() - t
         finally:
