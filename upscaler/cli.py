@@ -736,6 +736,172 @@ def _check_imatrix_depth(layers: list[tuple[str, int]], ims: dict[str, Any]) -> 
                                f"{depth} layers (blk.0-{depth - 1}); was it computed on another model?")
 
 
+SWEEP_PANEL = "Candidates"
+
+
+def _check_new_file(path: Optional[Path], option: str, force: bool) -> None:
+    """Refuse, before any work, an existing file the command would replace without --force."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UpscaleError(f"{option} {path}: is a folder")
+    if path.exists() and not force:
+        raise UpscaleError(f"{path} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise UpscaleError(f"{option} {path}: no such folder {path.parent}")
+
+
+@command(short_help='Build and score candidate plans; rank them by perplexity.')
+def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
+          slices: Optional[list[str]] = typer.Option(None, "--slices", metavar="RANGES", rich_help_panel=SWEEP_PANEL,
+                                                     help="A candidate as layer ranges, e.g. 0:20,10:30 "
+                                                          "(repeatable)."),
+          config: Optional[list[str]] = typer.Option(None, "--config", metavar="YAML", rich_help_panel=SWEEP_PANEL,
+                                                     help="A candidate as a mergekit YAML (repeatable)."),
+          preset: Optional[list[str]] = typer.Option(None, "--preset", metavar="NAME", rich_help_panel=SWEEP_PANEL,
+                                                     help="A candidate as a preset, e.g. solar:drop=8 "
+                                                          "(repeatable)."),
+          overlap: Optional[str] = typer.Option(None, "--overlap", metavar="A..B", rich_help_panel=SWEEP_PANEL,
+                                                help="The seed's family: three slices, consecutive ones sharing "
+                                                     "K layers, for K in A..B (or A..B:STEP)."),
+          solar_drop: Optional[str] = typer.Option(None, "--solar-drop", metavar="A..B", rich_help_panel=SWEEP_PANEL,
+                                                   help="SOLAR's family [0,n-m]+[m,n] for m in A..B."),
+          model: Optional[list[str]] = ModelOpt,
+          text: Optional[Path] = typer.Option(None, "--text-file", metavar="FILE",
+                                              help="UTF-8 text to score on: your own kind of text (default: a "
+                                                   "built-in English/Japanese text)."),
+          ctx: int = typer.Option(512, "--ctx", metavar="N", help="Context window for scoring."),
+          max_tokens: int = typer.Option(1024, "--max-tokens", metavar="N",
+                                         help="Score at most this many tokens of the text."),
+          windows: str = typer.Option("sliding", "--windows", metavar="sliding|chunks",
+                                      help="Text windows, as smoke's --windows."),
+          type_: Optional[str] = typer.Option(None, "--type", metavar="TYPE",
+                                              help="Quantize each candidate as run does (default: tensor types "
+                                                   "unchanged, as upscale)."),
+          mixture: str = typer.Option("target", "--mixture", metavar="target|source",
+                                      help="With --type: as run's --mixture; source re-uses a quantized "
+                                           "source's bytes."),
+          output: Optional[Path] = typer.Option(None, "-o", "--output", metavar="RESULTS.json",
+                                                help="Write the results here, updated after each candidate."),
+          keep: Optional[Path] = typer.Option(None, "--keep", metavar="DIR",
+                                              help="Keep each candidate's GGUF in DIR (default: removed)."),
+          work_dir: Optional[Path] = typer.Option(None, "--work-dir", metavar="DIR",
+                                                  help="Where candidates are built (default: beside RESULTS or "
+                                                       "in DIR, else here); put it on the source's filesystem."),
+          save_best: Optional[Path] = typer.Option(None, "--save-best", metavar="FILE.yaml",
+                                                   help="Write the best plan as mergekit YAML (for run --config)."),
+          plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
+                                              help="Also draw the chart as a PNG (needs matplotlib)."),
+          threads: Optional[int] = SmokeThreadsOpt,
+          force: bool = typer.Option(False, "--force", help="Overwrite existing RESULTS, kept models, plot "
+                                                           "and best-plan files."),
+          as_json: bool = typer.Option(False, "--json", help="The results as JSON on stdout."),
+          verbose: bool = VerboseOpt) -> None:
+    """Choose a recipe by measurement: build each candidate plan, score it against SOURCE on a text,
+    rank the candidates by perplexity.
+
+    SOURCE is the source GGUF (any shard of a set); it is scored once and every candidate is compared
+    with it (KL divergence, top-1 agreement). Candidates are built one at a time in a temporary folder
+    and removed after scoring; on a reflink filesystem holding SOURCE, building them costs almost no
+    time or disk. Closeness to the source is not quality: perplexity on your own kind of text
+    (--text-file) is the proxy.
+    """
+    from .checks.smoke import default_text
+    from .sweep import candidates as cands
+    from .sweep.runner import SweepInterrupted, SweepOptions, prepare_candidates, run_sweep
+    from .sweep.table import best_lines, chart_lines, result_line, save_plot, table_lines
+    _tensor_logger(verbose)
+    if mixture not in ("target", "source"):
+        raise UpscaleError(f"--mixture must be target or source, got {mixture!r}")
+    if max_tokens < 1 or ctx < 8:
+        raise UpscaleError("--max-tokens must be at least 1 and --ctx at least 8")
+    if windows not in ("sliding", "chunks"):
+        raise UpscaleError(f"--windows must be sliding or chunks, got {windows!r}")
+    if type_ is not None:
+        from .quant.quant_types import parse_quant_type
+        parse_quant_type(type_)
+    body, label = default_text(), "the built-in text"
+    if text is not None:
+        try:
+            body, label = text.read_text(encoding="utf-8"), text.name
+        except (OSError, UnicodeDecodeError) as e:
+            raise UpscaleError(f"{text}: cannot read as UTF-8 text ({e})") from None
+        if not body.strip():
+            raise UpscaleError(f"{text}: the text is empty")
+    for path, option in ((output, "-o"), (save_best, "--save-best"), (plot, "--plot")):
+        _check_new_file(path, option, force)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401 - refused now rather than after the sweep
+        except ImportError:
+            raise UpscaleError("--plot needs matplotlib: pip install 'gguf-upscale[plot]'") from None
+    if keep is not None:
+        if keep.exists() and not keep.is_dir():
+            raise UpscaleError(f"--keep {keep}: not a folder")
+        keep.mkdir(parents=True, exist_ok=True)
+    work = work_dir or keep or (output.parent if output is not None else Path.cwd())
+    if not work.is_dir():
+        raise UpscaleError(f"--work-dir {work}: no such folder")
+    given = cands.given(slices, config, preset)
+    if overlap or solar_drop:
+        depth = SourceModel(source).block_count
+        given += cands.overlap_family(depth, overlap) if overlap else []
+        given += cands.solar_family(depth, solar_drop) if solar_drop else []
+    opts = SweepOptions(text=body, text_label=label, n_ctx=ctx, max_tokens_scored=max_tokens, windows=windows,
+                        eval_threads=_smoke_threads(threads), quant_type=type_, mixture=mixture,
+                        quant_threads=_threads(threads), models=model)
+    planned, notes = prepare_candidates(source, given, opts)
+    quiet = as_json
+    for n in notes:
+        _echo_err(f"note: {n}")
+
+    def on_event(kind: str, value: Any) -> None:
+        if quiet:
+            return
+        if kind == "stage":
+            _echo_err(f"sweep: {value}")
+        elif kind == "source":
+            _echo_err(f"sweep: source PPL {value.perplexity:.2f} ± {value.perplexity_uncertainty:.2f} "
+                      f"({value.n_scored} tokens, {value.seconds:.1f} s)")
+        elif kind == "candidate":
+            _echo_err(f"sweep:   {result_line(value)}")
+
+    prog = _scoring_progress()
+    interrupted = None
+    try:
+        result = run_sweep(source, planned, opts, work_dir=work, results_path=output, keep_dir=keep, force=force,
+                           notes=notes, on_event=on_event, progress=prog)
+    except SweepInterrupted as e:
+        result, interrupted = e.result, e
+    finally:
+        if prog is not None:
+            prog.close()
+    if result.same_filesystem is False and not quiet:
+        _echo_err(f"note: {work} is not on the source's filesystem, so each candidate was written in full "
+                  "(--work-dir on the source's reflink filesystem makes building almost free)")
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        width = _columns()
+        for line in [*table_lines(result, width), "", *chart_lines(result, width, sys.stdout.encoding),
+                     "", *best_lines(result, width)]:
+            typer.echo(line)
+        if result.best is not None:
+            typer.echo("\nthe best plan, as mergekit YAML (gguf-upscale run SOURCE --config FILE):\n")
+            typer.echo(result.best.recipe_yaml.rstrip())
+    if save_best is not None and result.best is not None:
+        from .format.atomic import atomic_write
+        atomic_write(save_best, result.best.recipe_yaml.encode("utf-8"))
+    if plot is not None:
+        save_plot(result, plot, force=True)  # refused up front when it existed without --force
+    if interrupted is not None:
+        where = f"; the results so far are in {output}" if output is not None else ""
+        raise KeyboardInterrupt(f"the sweep was stopped after {len(result.candidates)} of "
+                                f"{len(result.candidates) + len(result.pending)} candidates{where}")
+    if result.best is None:
+        raise UpscaleError("no candidate could be scored")
+
+
 @command(short_help='Check an upscaled GGUF against its sources.')
 def verify(file: str = typer.Argument(..., metavar="OUT.gguf", hidden=True),
            source: Optional[list[str]] = typer.Option(None, "--source", metavar="SRC.gguf",

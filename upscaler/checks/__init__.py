@@ -1,6 +1,6 @@
 """Checks of a written model: the smoke test (smoke, on llama_session's llama.cpp plumbing and
 kl_stats' llama-perplexity statistics, scoring's
-per-token NLL/KL over text windows) and `verify` (verify, with its report,
+per-token NLL/KL over text windows; reference_scores' source scored once for a sweep) and `verify` (verify, with its report,
 streaming digests, output file, lineage, recipe replay, sources, metadata and tensor checks).
 """
 
@@ -9,6 +9,7 @@ __all__ = [
     "kl_stats",
     "llama_params",
     "llama_session",
+    "reference_scores",
     "scoring",
     "smoke",
     "smoke_progress",

@@ -72,8 +72,9 @@ def bar_chart(bars: Sequence[Bar], *, width: int = 80, floor: float | None = Non
 
 def save_png(path: str | Path, *, title: str, labels: Sequence[str], series: dict[str, Sequence[float]],
              xlabel: str, ylabel: str, errors: dict[str, Sequence[float]] | None = None,
-             force: bool = False) -> Path:
-    """A line/point chart of each series over `labels`, written atomically as a PNG.
+             hline: tuple[str, float] | None = None, force: bool = False) -> Path:
+    """A line/point chart of each series over `labels` (and a labelled horizontal line, e.g. the
+    source's value), written atomically as a PNG.
 
     Refuses an existing file without `force` (nothing a user owns is overwritten).
     """
@@ -96,6 +97,8 @@ def save_png(path: str | Path, *, title: str, labels: Sequence[str], series: dic
             err = (errors or {}).get(name)
             ax.errorbar(xs, list(ys), yerr=list(err) if err is not None else None, marker="o", capsize=3,
                         label=name)
+        if hline is not None:
+            ax.axhline(hline[1], color="grey", linestyle="--", linewidth=1, label=hline[0])
         ax.set_xticks(xs)
         ax.set_xticklabels(list(labels), rotation=45 if len(labels) > 6 else 0, ha="right" if len(labels) > 6
                            else "center", fontsize=8)
@@ -103,7 +106,7 @@ def save_png(path: str | Path, *, title: str, labels: Sequence[str], series: dic
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        if len(series) > 1:
+        if len(series) > 1 or hline is not None:
             ax.legend()
         fig.tight_layout()
         buf = io.BytesIO()
