@@ -170,8 +170,8 @@ def prepare_candidates(source: str, cands: list[Candidate], opts: SweepOptions) 
             raise type(e)(f"candidate {c.label}: {e}") from None
     keys = [p.plan.recipe.to_yaml() for p in preps]
     kept, notes = dedupe(cands, keys)
-    by_label = {c.label: p for c, p in zip(cands, preps)}
-    return [(c, by_label[c.label]) for c in kept], notes
+    kept_ids = {id(c) for c in kept}  # by position, not label: two candidates may share a label
+    return [(c, p) for c, p in zip(cands, preps) if id(c) in kept_ids], notes
 
 
 def _build(prep: Prepared, dest: Path, opts: SweepOptions) -> Path:
