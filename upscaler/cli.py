@@ -827,13 +827,10 @@ def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
             import matplotlib  # noqa: F401 - refused now rather than after the sweep
         except ImportError:
             raise UpscaleError("--plot needs matplotlib: pip install 'gguf-upscale[plot]'") from None
-    if keep is not None:
-        if keep.exists() and not keep.is_dir():
-            raise UpscaleError(f"--keep {keep}: not a folder")
-        keep.mkdir(parents=True, exist_ok=True)
-    work = work_dir or keep or (output.parent if output is not None else Path.cwd())
-    if not work.is_dir():
-        raise UpscaleError(f"--work-dir {work}: no such folder")
+    if keep is not None and keep.exists() and not keep.is_dir():
+        raise UpscaleError(f"--keep {keep}: not a folder")
+    if work_dir is not None and not work_dir.is_dir():
+        raise UpscaleError(f"--work-dir {work_dir}: no such folder")
     given = cands.given(slices, config, preset)
     if overlap or solar_drop:
         depth = SourceModel(source).block_count
@@ -843,6 +840,12 @@ def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
                         eval_threads=_smoke_threads(threads), quant_type=type_, mixture=mixture,
                         quant_threads=_threads(threads), models=model)
     planned, notes = prepare_candidates(source, given, opts)
+    if keep is not None:  # created only once every candidate is known to be good
+        try:
+            keep.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UpscaleError(f"--keep {keep}: cannot create it: {e.strerror or e}") from None
+    work = work_dir or keep or (output.parent if output is not None else Path.cwd())
     quiet = as_json
     for n in notes:
         _echo_err(f"note: {n}")

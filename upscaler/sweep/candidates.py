@@ -75,7 +75,9 @@ def solar_family(n: int, spec: str) -> list[Candidate]:
 
 def given(slices: list[str] | None, configs: list[str] | None, presets: list[str] | None) -> list[Candidate]:
     out = [Candidate(s, slices=s) for s in slices or []]
-    out += [Candidate(c.rsplit("/", 1)[-1], config=c) for c in configs or []]
+    names = [c.rsplit("/", 1)[-1] for c in configs or []]
+    # a file's name, or the path as given when two configs share a name (a/x.yaml, b/x.yaml)
+    out += [Candidate(c if names.count(n) > 1 else n, config=c) for c, n in zip(configs or [], names)]
     out += [Candidate(p, preset=p) for p in presets or []]
     return out
 

@@ -156,6 +156,17 @@ def _slices_text(prep: Prepared) -> str:
     return ",".join(parts)
 
 
+def _plan_key(prep: Prepared) -> str:
+    """The plan as YAML with each model named by the file it resolved to, so a published YAML that
+    names the source by its Hub name and --slices on the same file count as the same plan."""
+    paths = {name: str(Path(m.path).resolve()) for name, m in prep.models.items()}
+    r = prep.plan.recipe
+    slices = [s.model_copy(update={"sources": [src.model_copy(update={"model": paths.get(src.model, src.model)})
+                                               for src in s.sources]}) for s in r.slices]
+    tok = paths.get(r.tokenizer_source, r.tokenizer_source) if r.tokenizer_source else None
+    return r.model_copy(update={"slices": slices, "tokenizer_source": tok}).to_yaml()
+
+
 def prepare_candidates(source: str, cands: list[Candidate], opts: SweepOptions) -> tuple[
         list[tuple[Candidate, Prepared]], list[str]]:
     """Plan every candidate (no tensor read), refusing the first bad one; drop duplicate plans."""
@@ -168,10 +179,10 @@ def prepare_candidates(source: str, cands: list[Candidate], opts: SweepOptions) 
             preps.append(prepare(source, slices=c.slices, config=c.config, preset=c.preset, models=opts.models))
         except UpscaleError as e:
             raise type(e)(f"candidate {c.label}: {e}") from None
-    keys = [p.plan.recipe.to_yaml() for p in preps]
+    keys = [_plan_key(p) for p in preps]
     kept, notes = dedupe(cands, keys)
-    by_label = {c.label: p for c, p in zip(cands, preps)}
-    return [(c, by_label[c.label]) for c in kept], notes
+    kept_ids = {id(c) for c in kept}  # by position, not label: two candidates may share a label
+    return [(c, p) for c, p in zip(cands, preps) if id(c) in kept_ids], notes
 
 
 def _build(prep: Prepared, dest: Path, opts: SweepOptions) -> Path:

@@ -80,8 +80,11 @@ def chart_lines(result: SweepResult, width: int = 80, encoding: str | None = "ut
         return []
     base = result.reference.perplexity
     floor = min([base] + [c.perplexity for c in scored])
-    bars = [Bar(c.label, c.perplexity if c.scores else math.nan, f"{c.perplexity:.2f}" if c.scores else "failed")
-            for c in result.candidates]
+    texts = [f"{c.perplexity:.2f}" if c.scores else "failed" for c in result.candidates]
+    # bar_chart sizes its label column by the longest label: cut long ones so bars of 12+ columns fit
+    label_w = max(9, width - max(len(t) for t in texts) - 4 - 12)
+    bars = [Bar(_fit(c.label, label_w), c.perplexity if c.scores else math.nan, t)
+            for c, t in zip(result.candidates, texts)]
     title = f"perplexity by candidate (bars start at {floor:.2f}; the source: {base:.2f})"
     return [_fit(title, width), *bar_chart(bars, width=width, floor=floor * 0.98, encoding=encoding)]
 
