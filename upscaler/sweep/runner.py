@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..checks.eval_worker import EvalCrashed
 from ..checks.reference_scores import CandidateScores, StoredReference, score_candidate, score_reference
 from ..errors import UpscaleError
 from ..format.atomic import atomic_write
@@ -71,6 +70,7 @@ class CandidateResult:
     scores: CandidateScores | None = None
     error: str | None = None
     kept: str | None = None
+    is_source: bool = False  # every source layer once, in order, unscaled: a control, never "best"
     build_seconds: float = 0.0
     eval_seconds: float = 0.0
     cleanup_seconds: float = 0.0
@@ -82,7 +82,7 @@ class CandidateResult:
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "slices": self.slices, "block_count": self.block_count,
                 "size": self.size, **(self.scores.to_dict() if self.scores else {}), "error": self.error,
-                "kept": self.kept, "build_seconds": round(self.build_seconds, 3),
+                "kept": self.kept, "is_source": self.is_source, "build_seconds": round(self.build_seconds, 3),
                 "eval_seconds": round(self.eval_seconds, 3), "cleanup_seconds": round(self.cleanup_seconds, 3),
                 "recipe_yaml": self.recipe_yaml}
 
@@ -106,8 +106,8 @@ class SweepResult:
 
     @property
     def best(self) -> CandidateResult | None:
-        ranked = self.ranked()
-        return ranked[0] if ranked and ranked[0].scores else None
+        """The lowest perplexity among the scored plans that are not the source itself."""
+        return next((c for c in self.ranked() if c.scores and not c.is_source), None)
 
     def overhead_seconds(self) -> float:
         """Time beyond evaluation: the total minus the source's and the candidates' scoring."""
@@ -165,6 +165,14 @@ def _plan_key(prep: Prepared) -> str:
                                                for src in s.sources]}) for s in r.slices]
     tok = paths.get(r.tokenizer_source, r.tokenizer_source) if r.tokenizer_source else None
     return r.model_copy(update={"slices": slices, "tokenizer_source": tok}).to_yaml()
+
+
+def _is_source(prep: Prepared) -> bool:
+    """The plan rebuilds its only source model layer for layer (e.g. --overlap 0): the control."""
+    if len(prep.plan.models) != 1:
+        return False
+    depth = next(iter(prep.models.values())).block_count
+    return _slices_text(prep) == f"0:{depth}"
 
 
 def prepare_candidates(source: str, cands: list[Candidate], opts: SweepOptions) -> tuple[
@@ -251,6 +259,7 @@ def run_sweep(source: str, planned: list[tuple[Candidate, Prepared]], opts: Swee
         save()
         for i, (cand, prep) in enumerate(planned, 1):
             res = CandidateResult(cand.label, _slices_text(prep), prep.plan.block_count, prep.plan.recipe.to_yaml())
+            res.is_source = _is_source(prep)
             emit("stage", f"[{i}/{len(planned)}] building {cand.label} ({prep.plan.block_count} layers)")
             dest = tmp / f"candidate-{i:03d}.gguf"
             try:
@@ -269,6 +278,15 @@ def run_sweep(source: str, planned: list[tuple[Candidate, Prepared]], opts: Swee
         result.total_seconds = time.perf_counter() - t0
         save()
         raise SweepInterrupted(result) from None
+    except BaseException as e:  # an error that ends the sweep: the results file says where it stopped
+        result.notes.append(f"the sweep stopped: {e}")
+        result.total_seconds = time.perf_counter() - t0
+        if results_path is not None:
+            try:
+                save()
+            except UpscaleError:
+                pass
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result.pending = []
@@ -293,10 +311,9 @@ def _one(prep: Prepared, dest: Path, res: CandidateResult, ref: StoredReference,
     t = time.perf_counter()
     try:
         res.scores = score_candidate(path, ref, n_threads=opts.eval_threads, progress=progress)
-    except EvalCrashed as e:
-        res.error = str(e)
-    except UpscaleError as e:
-        res.error = str(e)
+    except UpscaleError as e:  # EvalCrashed included: a crash costs this candidate only
+        # the messages name the temporary file, which means nothing to the user: name the candidate
+        res.error = str(e).replace(str(path), path.name).replace(path.name, repr(res.label))
     res.eval_seconds = time.perf_counter() - t
     if keep_dir is not None:
         t = time.perf_counter()

@@ -42,14 +42,17 @@ def table_lines(result: SweepResult, width: int = 80) -> list[str]:
     if ref is not None:
         name = result.source.rsplit("/", 1)[-1]
         out.append(_fit(f"source {name}: {ref.n_layer} layers, PPL {ref.perplexity:.2f} ± "
-                        f"{ref.perplexity_uncertainty:.2f} on {ref.n_scored} tokens of {result.text}", width))
+                        f"{ref.perplexity_uncertainty:.2f}", width))
+        out.append(_fit(f"scored on {ref.n_scored} tokens of {result.text} (context {ref.n_ctx}, "
+                        f"{ref.windows_mode} windows)", width))
     ranked = result.ranked()
     if not ranked:
         return out
     rows = []
     for i, c in enumerate(ranked, 1):
         s = c.scores.stats if c.scores else None
-        rows.append((str(i) if s else "-", c.label, str(c.block_count), human_bytes(c.size) if c.size else "",
+        label = c.label + (" (=source)" if c.is_source else "")
+        rows.append((str(i) if s else "-", label, str(c.block_count), human_bytes(c.size) if c.size else "",
                      _ppl(c), f"{s.kl_divergence:.4f}" if s else "", f"{s.top1_agreement * 100:.1f}%" if s else ""))
     head = ("#", "candidate", "layers", "size", "PPL", "KL", "top-1")
     fixed = [max(len(r[j]) for r in [head, *rows]) for j in range(len(head))]
@@ -94,14 +97,16 @@ def best_lines(result: SweepResult, width: int = 80) -> list[str]:
     if best is None or best.scores is None or result.reference is None:
         return []
     s = best.scores.stats
-    lines = [_fit(f"best: {best.label} ({best.block_count} layers, {human_bytes(best.size or 0)}): "
-                  f"PPL {s.perplexity:.2f} ± {s.perplexity_uncertainty:.2f}, {s.perplexity_ratio:.3f} ± "
-                  f"{s.perplexity_ratio_uncertainty:.3f} x the source's", width)]
-    ranked = [c for c in result.ranked() if c.scores]
+    lines = [_fit(f"best: {best.label} ({best.block_count} layers, {human_bytes(best.size or 0)}), "
+                  f"PPL {s.perplexity:.2f} ± {s.perplexity_uncertainty:.2f}", width),
+             _fit(f"  {s.perplexity_ratio:.3f} ± {s.perplexity_ratio_uncertainty:.3f} x the source's perplexity; "
+                  f"KL {s.kl_divergence:.4f}, top-1 {s.top1_agreement * 100:.1f}%", width)]
+    ranked = [c for c in result.ranked() if c.scores and not c.is_source]
     if len(ranked) > 1 and ranked[1].scores is not None:
         ratio, unc = paired_ratio(best, ranked[1])
-        lines.append(_fit(f"  vs the next, {ranked[1].label}: PPL ratio {ratio:.4f} ± {unc:.4f} (paired over the "
-                          "same tokens)", width))
+        lines.append(_fit(f"  vs the runner-up, {ranked[1].label}: PPL ratio {ratio:.4f} ± {unc:.4f}", width))
+        lines.append(_fit("  (paired over the same tokens: far tighter than the two perplexities' own ± suggest)",
+                          width))
     return lines
 
 
