@@ -41,3 +41,11 @@ def test_png_is_written_and_never_overwritten_without_force(tmp_path: Path) -> N
         save_png(dest, title="t", labels=["a"], series={"ppl": [1.0]}, xlabel="x", ylabel="y")
     save_png(dest, title="t", labels=["a"], series={"ppl": [1.0]}, xlabel="x", ylabel="y", force=True)
     assert [p.name for p in tmp_path.iterdir()] == ["chart.png"]
+
+
+def test_long_labels_are_shortened_to_fit() -> None:
+    bars = [Bar("a" * 100, 1.0, "1.00"), Bar("short", 2.0, "2.00")]
+    lines = bar_chart(bars, width=40, encoding="ascii")
+    assert all(len(line) <= 40 for line in lines), lines
+    assert lines[0].lstrip().startswith("a" * 10) and "…" in lines[0]
+    assert "#" * 10 in lines[1]

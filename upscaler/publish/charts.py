@@ -19,6 +19,7 @@ from ..errors import UpscaleError
 __all__ = ["Bar", "bar_chart", "save_png"]
 
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
+_MIN_BAR = 12  # columns a bar keeps when labels are long: longer labels end in an ellipsis
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def _can_encode(encoding: str | None, text: str) -> bool:
 
 def bar_chart(bars: Sequence[Bar], *, width: int = 80, floor: float | None = None,
               encoding: str | None = "utf-8") -> list[str]:
-    """Rows of `label  bar  text`, no wider than `width` columns.
+    """Rows of `label  bar  text`, no wider than `width` columns (long labels are shortened).
 
     Bars run from `floor` (default: 0, or the smallest value when some are negative) to the
     largest value; a non-finite value gets no bar and its text only. `encoding` is the output's
@@ -51,8 +52,8 @@ def bar_chart(bars: Sequence[Bar], *, width: int = 80, floor: float | None = Non
     finite = [b.value for b in bars if math.isfinite(b.value)]
     lo = floor if floor is not None else min(0.0, min(finite, default=0.0))
     hi = max(finite, default=lo)
-    label_w = max(len(b.label) for b in bars)
     text_w = max(len(b.text) for b in bars)
+    label_w = min(max(len(b.label) for b in bars), max(4, width - text_w - 4 - _MIN_BAR))
     bar_w = max(4, width - label_w - text_w - 4)
     fancy = _can_encode(encoding, _EIGHTHS)
     out = []
@@ -66,7 +67,8 @@ def bar_chart(bars: Sequence[Bar], *, width: int = 80, floor: float | None = Non
             bar = "█" * (eighths // 8) + (_EIGHTHS[eighths % 8] if eighths % 8 else "")
         else:
             bar = "#" * round(frac * bar_w)
-        out.append(f"{b.label:>{label_w}}  {bar:<{bar_w}}  {b.text}".rstrip())
+        label = b.label if len(b.label) <= label_w else b.label[: label_w - 1] + "…"
+        out.append(f"{label:>{label_w}}  {bar:<{bar_w}}  {b.text}".rstrip())
     return out
 
 
