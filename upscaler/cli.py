@@ -736,6 +736,70 @@ def _check_imatrix_depth(layers: list[tuple[str, int]], ims: dict[str, Any]) -> 
                                f"{depth} layers (blk.0-{depth - 1}); was it computed on another model?")
 
 
+def _read_text_option(text: Optional[Path]) -> tuple[str, str]:
+    """The --text-file's contents and how to name it; the built-in text without one."""
+    from .checks.smoke import default_text
+    if text is None:
+        return default_text(), "the built-in text"
+    try:
+        body = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UpscaleError(f"{text}: cannot read as UTF-8 text ({e})") from None
+    if not body.strip():
+        raise UpscaleError(f"{text}: the text is empty")
+    return body, text.name
+
+
+@command(short_help="How much each layer changes the hidden state (block influence).")
+def layers(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=True),
+           text: Optional[Path] = typer.Option(None, "--text-file", metavar="FILE",
+                                               help="UTF-8 text to measure on (default: a built-in "
+                                                    "English/Japanese text)."),
+           ctx: int = typer.Option(512, "--ctx", metavar="N", help="Window of tokens decoded together."),
+           max_tokens: int = typer.Option(1024, "--max-tokens", metavar="N",
+                                          help="Measure at most this many tokens of the text."),
+           threads: Optional[int] = SmokeThreadsOpt,
+           plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
+                                               help="Also draw per-layer and span distances as a PNG (needs "
+                                                    "matplotlib)."),
+           force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
+           as_json: bool = typer.Option(False, "--json", help="Every layer's and span's figures as JSON."),
+           verbose: bool = VerboseOpt) -> None:
+    """Measure how much each layer, and each span of 2, 4 and 8 layers, changes the hidden state.
+
+    The figure is the mean angular distance arccos(cos(input, output))/pi over the tokens of a text
+    (ShortGPT's block influence; Gromov et al.'s span distance), read inside llama.cpp as it decodes.
+    Layers that change the state little are the cheapest to repeat or drop; that is a guide for where
+    to put a plan's seams, not a measure of quality: compare plans with `sweep`.
+    """
+    from .checks.layer_influence import measure_layers
+    from .publish.layers_view import layer_lines, save_layers_plot
+    _tensor_logger(verbose)
+    if max_tokens < 1 or ctx < 8:
+        raise UpscaleError("--max-tokens must be at least 1 and --ctx at least 8")
+    body, label = _read_text_option(text)
+    _check_new_file(plot, "--plot", force)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401 - refused now rather than after the measurement
+        except ImportError:
+            raise UpscaleError("--plot needs matplotlib: pip install 'gguf-upscale[plot]'") from None
+    prog = _scoring_progress()
+    try:
+        r = measure_layers(model_file, text=body, n_ctx=ctx, max_tokens=max_tokens,
+                           n_threads=_smoke_threads(threads), progress=prog)
+    finally:
+        if prog is not None:
+            prog.close()
+    if as_json:
+        typer.echo(json.dumps({**r.to_dict(), "text": label}, indent=2, ensure_ascii=False))
+    else:
+        for line in layer_lines(r, label, _columns(), sys.stdout.encoding):
+            typer.echo(line)
+    if plot is not None:
+        save_layers_plot(r, plot, title=f"{Path(r.path).name}: change of the hidden state on {label}", force=True)
+
+
 SWEEP_PANEL = "Candidates"
 
 
@@ -786,8 +850,8 @@ def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
           keep: Optional[Path] = typer.Option(None, "--keep", metavar="DIR",
                                               help="Keep each candidate's GGUF in DIR (default: removed)."),
           work_dir: Optional[Path] = typer.Option(None, "--work-dir", metavar="DIR",
-                                                  help="Where candidates are built (default: beside RESULTS or "
-                                                       "in DIR, else here); put it on the source's filesystem."),
+                                                  help="Where candidates are built (default: the --keep DIR, else "
+                                                       "beside RESULTS, else here); best on the source's filesystem."),
           save_best: Optional[Path] = typer.Option(None, "--save-best", metavar="FILE.yaml",
                                                    help="Write the best plan as mergekit YAML (for run --config)."),
           plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
@@ -920,70 +984,6 @@ def verify(file: str = typer.Argument(..., metavar="OUT.gguf", hidden=True),
     typer.echo(json.dumps(rep.to_dict(), indent=2) if as_json else format_report(rep))
     if not rep.ok:
         raise UpscaleError(f"{rep.path}: {rep.problems_total} problem(s) found")
-
-
-def _read_text_option(text: Optional[Path]) -> tuple[str, str]:
-    """The --text-file's contents and how to name it; the built-in text without one."""
-    from .checks.smoke import default_text
-    if text is None:
-        return default_text(), "the built-in text"
-    try:
-        body = text.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UpscaleError(f"{text}: cannot read as UTF-8 text ({e})") from None
-    if not body.strip():
-        raise UpscaleError(f"{text}: the text is empty")
-    return body, text.name
-
-
-@command(short_help="How much each layer changes the hidden state (block influence).")
-def layers(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=True),
-           text: Optional[Path] = typer.Option(None, "--text-file", metavar="FILE",
-                                               help="UTF-8 text to measure on (default: a built-in "
-                                                    "English/Japanese text)."),
-           ctx: int = typer.Option(512, "--ctx", metavar="N", help="Window of tokens decoded together."),
-           max_tokens: int = typer.Option(1024, "--max-tokens", metavar="N",
-                                          help="Measure at most this many tokens of the text."),
-           threads: Optional[int] = SmokeThreadsOpt,
-           plot: Optional[Path] = typer.Option(None, "--plot", metavar="FILE.png",
-                                               help="Also draw per-layer and span distances as a PNG (needs "
-                                                    "matplotlib)."),
-           force: bool = typer.Option(False, "--force", help="Overwrite an existing --plot file."),
-           as_json: bool = typer.Option(False, "--json", help="Every layer's and span's figures as JSON."),
-           verbose: bool = VerboseOpt) -> None:
-    """Measure how much each layer, and each span of 2, 4 and 8 layers, changes the hidden state.
-
-    The figure is the mean angular distance arccos(cos(input, output))/pi over the tokens of a text
-    (ShortGPT's block influence; Gromov et al.'s span distance), read inside llama.cpp as it decodes.
-    Layers that change the state little are the cheapest to repeat or drop; that is a guide for where
-    to put a plan's seams, not a measure of quality: compare plans with `sweep`.
-    """
-    from .checks.layer_influence import measure_layers
-    from .publish.layers_view import layer_lines, save_layers_plot
-    _tensor_logger(verbose)
-    if max_tokens < 1 or ctx < 8:
-        raise UpscaleError("--max-tokens must be at least 1 and --ctx at least 8")
-    body, label = _read_text_option(text)
-    _check_new_file(plot, "--plot", force)
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401 - refused now rather than after the measurement
-        except ImportError:
-            raise UpscaleError("--plot needs matplotlib: pip install 'gguf-upscale[plot]'") from None
-    prog = _scoring_progress()
-    try:
-        r = measure_layers(model_file, text=body, n_ctx=ctx, max_tokens=max_tokens,
-                           n_threads=_smoke_threads(threads), progress=prog)
-    finally:
-        if prog is not None:
-            prog.close()
-    if as_json:
-        typer.echo(json.dumps({**r.to_dict(), "text": label}, indent=2, ensure_ascii=False))
-    else:
-        for line in layer_lines(r, label, _columns(), sys.stdout.encoding):
-            typer.echo(line)
-    if plot is not None:
-        save_layers_plot(r, plot, title=f"{Path(r.path).name}: change of the hidden state on {label}", force=True)
 
 
 @command(short_help="Show a GGUF's metadata, tensor types and lineage.")

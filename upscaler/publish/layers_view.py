@@ -23,14 +23,14 @@ def layer_lines(r: LayerInfluence, text_label: str, width: int = 80, encoding: s
            _fit(f"measured on {r.n_tokens} tokens of {text_label}, in windows of {r.n_ctx}", width),
            _fit("angular distance, layer input to output (0: unchanged, 0.5: orthogonal)", width)]
     pl = r.per_layer
-    bars = [Bar(str(i), m, f"{m:.3f} ± {u:.3f}") for i, (m, u) in enumerate(zip(pl.mean, pl.uncertainty))]
+    bars = [Bar(str(i), m, f"{m:.4f} ± {u:.4f}") for i, (m, u) in enumerate(zip(pl.mean, pl.uncertainty))]
     out += bar_chart(bars, width=width, floor=0.0, encoding=encoding)
     out.append("")
     out.append(_fit("least-changing spans (the cheapest to repeat or drop, by this measure):", width))
     for n, s in sorted(r.spans.items()):
         i = s.least()
         where = f"layer {i}" if n == 1 else f"layers {i}-{i + n - 1}"
-        out.append(_fit(f"  {n} layer{'s' if n > 1 else ' '}  {where:<14} {s.mean[i]:.3f} ± {s.uncertainty[i]:.3f}",
+        out.append(_fit(f"  {n} layer{'s' if n > 1 else ' '}  {where:<14} {s.mean[i]:.4f} ± {s.uncertainty[i]:.4f}",
                         width))
     return out
 
