@@ -435,3 +435,27 @@ def test_families_and_given_labels() -> None:
     kept, notes = candidates.dedupe(got[:3], ["p", "q", "p"])
     assert [c.label for c in kept] == ["0:4,2:6", "cfg/a/x.yaml"]
     assert notes == ["cfg/b/x.yaml is the same plan as 0:4,2:6; scored once"]
+
+
+# --------------------------------------------------------------------------- quantized source, --mixture source
+
+
+def test_quantized_source_with_mixture_source_keeps_the_source_bytes(tmp_path: Path) -> None:
+    """--type Q8_0 --mixture source on a Q8_0 source: each kept candidate holds exactly what
+    `run --type Q8_0 --mixture source` writes for the same plan (no tensor re-quantized)."""
+    q8 = make_model(tmp_path / "src-q8.gguf", n_layer=6, dtype="Q8_0")
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = cli("sweep", q8, "--slices", "0:4,2:6", "--type", "Q8_0", "--mixture", "source", *FAST,
+               "-o", work / "r.json", "--keep", work / "kept")
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((work / "r.json").read_text(encoding="utf-8"))
+    (row,) = res["candidates"]
+    assert row["error"] is None and row["block_count"] == 8
+    ref = tmp_path / "run.gguf"
+    cli("run", q8, "--slices", "0:4,2:6", "--type", "Q8_0", "--mixture", "source", "--no-smoke", "--no-model-card",
+        "-o", ref, check=True)
+    kept = Path(row["kept"])
+    assert tensor_bytes(kept) == tensor_bytes(ref)
+    source = tensor_bytes(q8)
+    assert tensor_bytes(kept)["blk.7.attn_q.weight"] == source["blk.5.attn_q.weight"]  # copied, not re-quantized
