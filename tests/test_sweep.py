@@ -343,6 +343,14 @@ def test_json_report(main_sweep: dict[str, Any]) -> None:
     first = next(c for c in res["candidates"] if not c["is_source"])
     assert res["best"] == first["label"]
     assert res["best_recipe_yaml"] == first["recipe_yaml"]
+    # paired comparison with the best: exp(mean NLL difference) is exactly the perplexities' ratio,
+    # and pairing over the same tokens gives a smaller uncertainty than the two ± combined
+    for c in res["candidates"]:
+        assert _rel(c["perplexity_ratio_to_best"], c["perplexity"] / first["perplexity"]) < 1e-9
+        if c is not first:
+            both = math.hypot(c["perplexity_uncertainty"] / c["perplexity"],
+                              first["perplexity_uncertainty"] / first["perplexity"]) * c["perplexity_ratio_to_best"]
+            assert 0 < c["perplexity_ratio_to_best_uncertainty"] < both
 
 
 def test_save_best_is_a_recipe_that_rebuilds_the_best(src: Path, main_sweep: dict[str, Any], tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ Order of work, and why:
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..checks.kl_stats import mean_and_uncertainty
 from ..checks.reference_scores import CandidateScores, StoredReference, score_candidate, score_reference
 from ..errors import UpscaleError
 from ..format.atomic import atomic_write
@@ -37,7 +39,8 @@ from ..pipeline import Prepared, prepare, write_quantized
 from ..publish.report import runs
 from .candidates import Candidate, dedupe
 
-__all__ = ["CandidateResult", "SweepInterrupted", "SweepOptions", "SweepResult", "prepare_candidates", "run_sweep"]
+__all__ = ["CandidateResult", "SweepInterrupted", "SweepOptions", "SweepResult", "paired_ratio", "prepare_candidates",
+           "run_sweep"]
 
 TMP_PREFIX = ".gguf-upscale-sweep-"
 
@@ -87,6 +90,17 @@ class CandidateResult:
                 "recipe_yaml": self.recipe_yaml}
 
 
+def paired_ratio(a: CandidateResult, b: CandidateResult) -> tuple[float, float]:
+    """PPL(a)/PPL(b) and its uncertainty from the per-token NLL differences on the same tokens.
+
+    Pairing removes what the text does to both (hard tokens are hard for every candidate), so
+    this uncertainty is far smaller than the two perplexities' own ones combined."""
+    assert a.scores is not None and b.scores is not None
+    mean, unc = mean_and_uncertainty(a.scores.nll - b.scores.nll)
+    ratio = math.exp(mean)
+    return ratio, ratio * unc
+
+
 @dataclass
 class SweepResult:
     source: str
@@ -114,6 +128,13 @@ class SweepResult:
         ev = (self.reference.seconds if self.reference else 0.0) + sum(c.eval_seconds for c in self.candidates)
         return max(0.0, self.total_seconds - ev)
 
+    def _vs_best(self, c: CandidateResult) -> dict[str, Any]:
+        best = self.best
+        if best is None or c.scores is None or best.scores is None:
+            return {}
+        ratio, unc = paired_ratio(c, best)
+        return {"perplexity_ratio_to_best": ratio, "perplexity_ratio_to_best_uncertainty": unc}
+
     def to_dict(self) -> dict[str, Any]:
         ref = self.reference
         best = self.best
@@ -128,7 +149,7 @@ class SweepResult:
             "source_perplexity_uncertainty": ref.perplexity_uncertainty if ref else None,
             "source_n_layer": ref.n_layer if ref else None,
             "source_seconds": round(ref.seconds, 3) if ref else None,
-            "candidates": [c.to_dict() for c in self.ranked()],
+            "candidates": [{**c.to_dict(), **self._vs_best(c)} for c in self.ranked()],
             "best": best.label if best else None,
             "best_recipe_yaml": best.recipe_yaml if best else None,
             "pending": self.pending,

@@ -9,12 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..checks.kl_stats import mean_and_uncertainty
 from ..publish.charts import Bar, bar_chart, save_png
 from ..publish.report import human_bytes
-from .runner import CandidateResult, SweepResult
+from .runner import CandidateResult, SweepResult, paired_ratio
 
-__all__ = ["best_lines", "chart_lines", "paired_ratio", "result_line", "save_plot", "table_lines"]
+__all__ = ["best_lines", "chart_lines", "result_line", "save_plot", "table_lines"]
 
 
 def _fit(text: str, width: int) -> str:
@@ -88,7 +87,7 @@ def chart_lines(result: SweepResult, width: int = 80, encoding: str | None = "ut
     label_w = max(9, width - max(len(t) for t in texts) - 4 - 12)
     bars = [Bar(_fit(c.label, label_w), c.perplexity if c.scores else math.nan, t)
             for c, t in zip(result.candidates, texts)]
-    title = f"perplexity by candidate (bars start at {floor:.2f}; the source: {base:.2f})"
+    title = f"perplexity by candidate, in the order given (the source: {base:.2f})"
     return [_fit(title, width), *bar_chart(bars, width=width, floor=floor * 0.98, encoding=encoding)]
 
 
@@ -105,20 +104,8 @@ def best_lines(result: SweepResult, width: int = 80) -> list[str]:
     if len(ranked) > 1 and ranked[1].scores is not None:
         ratio, unc = paired_ratio(best, ranked[1])
         lines.append(_fit(f"  vs the runner-up, {ranked[1].label}: PPL ratio {ratio:.4f} ± {unc:.4f}", width))
-        lines.append(_fit("  (paired over the same tokens: far tighter than the two perplexities' own ± suggest)",
-                          width))
+        lines.append(_fit("  (paired over the same tokens, so tighter than the ± in the table)", width))
     return lines
-
-
-def paired_ratio(a: CandidateResult, b: CandidateResult) -> tuple[float, float]:
-    """PPL(a)/PPL(b) and its uncertainty from the per-token NLL differences on the same tokens.
-
-    Pairing removes what the text does to both (hard tokens are hard for every candidate), so
-    this uncertainty is far smaller than the two perplexities' own ones combined."""
-    assert a.scores is not None and b.scores is not None
-    mean, unc = mean_and_uncertainty(a.scores.nll - b.scores.nll)
-    ratio = math.exp(mean)
-    return ratio, ratio * unc
 
 
 def save_plot(result: SweepResult, path: Any, force: bool = False) -> None:
