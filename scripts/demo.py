@@ -2,8 +2,9 @@
 """`make demo`: the whole pipeline on a real small model, through the CLI a user would type.
 
 plan -> upscale (tensor types kept) -> quantize to Q4_K_M -> smoke test against the source,
-then the one-shot `run` (with its model card) and `verify`, and a short report of sizes,
-perplexities, agreement and text.
+then the one-shot `run` (with its model card) and `verify`; `layers` (which layers change the
+hidden state least) and a `sweep` of the preset against a plan that repeats those layers; and a
+short report of sizes, perplexities, agreement and text.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step(title: str, *args: object, capture: bool = False) -> subprocess.CompletedProcess[str]:
+def step(title: str, *args: object, capture: bool = False, quiet: bool = False) -> subprocess.CompletedProcess[str]:
     cmd = ["gguf-upscale", *map(str, args)]
-    print(f"\n== {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+    if not quiet:
+        print(f"\n== {title}\n$ {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", "from upscaler.cli import main; main()", *map(str, args)],
                           text=True, capture_output=capture)
@@ -29,7 +31,8 @@ def step(title: str, *args: object, capture: bool = False) -> subprocess.Complet
         sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"demo step failed: {title} (exit {proc.returncode})")
-    print(f"   ({time.perf_counter() - t0:.1f} s)")
+    if not quiet:
+        print(f"   ({time.perf_counter() - t0:.1f} s)")
     return proc
 
 
@@ -57,6 +60,13 @@ def main() -> int:
     step("verify: recompute every tensor of the one-shot output from the source", "verify", one,
          "--source", args.source)
     card = one.with_suffix(".md")
+    step("layers: how much each layer changes the hidden state", "layers", args.source, "--max-tokens", 512)
+    n = json.loads(step("", "inspect", args.source, "--json", capture=True, quiet=True).stdout)["block_count"]
+    mid = f"0:{n * 5 // 8},{n * 3 // 8}:{n}"  # the middle quarter twice: where `layers` finds the least change
+    results = args.out / "sweep.json"
+    step("sweep: the preset against a plan repeating the middle layers, scored against the source", "sweep",
+         args.source, "--preset", args.preset, "--slices", mid, "--max-tokens", 512, "-o", results, "--force")
+    sweep = json.loads(results.read_text(encoding="utf-8"))
 
     def mb(p: Path) -> str:
         files = [p] if p.exists() else sorted(p.parent.glob(f"{p.stem}-*-of-*.gguf"))
@@ -78,6 +88,8 @@ def main() -> int:
     print(f"  top-1 agreement {report['top1_agreement']:.1%} ± {report['top1_agreement_uncertainty']:.1%} "
           f"over {report['n_tokens_scored']} tokens (llama-perplexity's \"same top p\")")
     print(f"  generated       {report['text']!r}")
+    ranked = "; ".join(f"{c['label']} {c['perplexity']:.2f}" for c in sweep["candidates"] if c.get("perplexity"))
+    print(f"  sweep           PPL {ranked} (source {sweep['source_perplexity']:.2f}); best: {sweep['best']}")
     print(f"  model card      {card} ({len(card.read_text(encoding='utf-8').splitlines())} lines, ready to publish "
           "as README.md)")
     return 0
