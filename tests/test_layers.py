@@ -7,7 +7,8 @@ stream) and layer 6 is made to matter (those projections scaled up 16x). Oracles
 - the known answer: an identity layer's distance is 0; the scaled layer's is the largest;
 - llama.cpp's public embeddings API: with the output norm's weight set to 1, the per-token
   embeddings of a model truncated to k layers point along the hidden state after layer k,
-  so two truncated models give a layer's distance without our callback;
+  so two truncated models give a layer's distance without our callback (layer 0's input is
+  the token's row of token_embd, read from the file);
 - a sweep of plans that repeat the identity layers vs the mattering ones: repeating an
   identity layer cannot change the output (KL 0, the source's perplexity), repeating layer 6 must.
 """
@@ -24,7 +25,7 @@ import pytest
 from gguf import GGUFReader
 
 from helpers import assert_one_line_error, cli
-from modelfactory import make_model
+from modelfactory import ARCHS, make_model
 from upscaler.checks.layer_influence import measure_layers, windows_of
 from upscaler.checks.llama_params import open_llama
 from upscaler.errors import SmokeError
@@ -101,18 +102,35 @@ def _embeddings(path: Path) -> np.ndarray:
         llm.close()
 
 
+def _first(path: Path, k: int, folder: Path) -> Path:
+    """The model's first k layers (llama.cpp reads it as a k-layer model)."""
+    out = folder / f"first{k}.gguf"
+    cli("upscale", path, "--slices", f"0:{k}", "-o", out, check=True)
+    return out
+
+
+def _tokens(path: Path) -> list[int]:
+    llm = open_llama(path, n_ctx=256, vocab_only=True, verbose=False)
+    try:
+        return llm.tokenize(TEXT.encode("utf-8"), add_bos=True, special=False)
+    finally:
+        llm.close()
+
+
 def test_distances_match_llama_cpp_embeddings_of_truncated_models(known: Path, measured, tmp_path: Path) -> None:
-    embs = {}
-    for k in (4, 5, 6, 7):
-        out = tmp_path / f"first{k}.gguf"
-        cli("upscale", known, "--slices", f"0:{k}", "-o", out, check=True)
-        embs[k] = _embeddings(out)
+    embs = {k: _embeddings(_first(known, k, tmp_path)) for k in (4, 5, 6, 7)}
     assert embs[4].shape[0] == measured.n_tokens + 1  # one window; its first token left out
-    for k in (4, 5, 6):
+    embs[1] = _embeddings(_first(known, 1, tmp_path))
+    # layer 0's input is the token's embedding row (llama does not scale it): read it from the file
+    tokens = _tokens(known)
+    table = {t.name: t for t in GGUFReader(known).tensors}["token_embd.weight"]
+    embs[0] = np.asarray(table.data, dtype=np.float64)[tokens]
+    for k in (0, 4, 5, 6):
         a, b = embs[k][1:], embs[k + 1][1:]
         cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
         want = float(np.mean(np.arccos(np.clip(cos, -1, 1)) / math.pi))
         assert measured.per_layer.mean[k] == pytest.approx(want, abs=2e-4), k  # layer k: state k -> k+1
+    assert embs[4].shape[0] == len(tokens)
 
 
 def test_windows_leave_out_each_first_token_and_stop_at_max_tokens() -> None:
@@ -187,3 +205,13 @@ def test_sweep_sees_repeated_identities_as_the_source(known: Path, tmp_path: Pat
     assert moved["kl_divergence"] > 1e-3 and moved["top1_agreement"] < 1.0, moved
     ppl = [c["perplexity"] for c in js["candidates"]]
     assert ppl == sorted(ppl)  # ranked by perplexity, whichever way layer 6 moved it
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_every_supported_family_is_measured(arch: str, tmp_path: Path) -> None:
+    """Pre-norm, post-norm (olmo2), learned positions (gpt2), scaled embeddings (gemma), experts:
+    each family's graph gives layer 0's input and every l_out-N."""
+    path = make_model(tmp_path / f"{arch}.gguf", arch=arch, n_layer=4)
+    r = measure_layers(path, text=TEXT, n_ctx=64, max_tokens=64, n_threads=1)
+    assert r.n_layer == 4 and r.arch == arch and r.n_tokens == 64
+    assert all(0.0 < d < 1.0 for d in r.per_layer.mean), r.per_layer.mean

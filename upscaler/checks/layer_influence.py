@@ -11,12 +11,13 @@ layer contributes to quality, and is a first guide for where to put a frankenmer
 The hidden states are read where llama.cpp computes them, through its graph evaluation
 callback (``cb_eval`` in the context parameters): the callback asks for the tensors named
 ``l_out-N`` (the output of layer N, llama.cpp's name in every transformer graph) and for the
-graph's first node of layer 0 (its normalisation), whose input is layer 0's input, and reads
-each one once computed. Nothing is kept but a ring of the last 9 states of the current batch
-(enough for spans of 8) and running sums, so memory is bounded by ``9 x batch x n_embd``
-floats whatever the text's length or the model's depth. The text is cut into windows of
-``n_ctx`` tokens decoded from an empty context; the first token of each window is left out
-(its hidden state is the attention sink's, orders of magnitude larger than the rest).
+graph's first node of layer 0 (its input norm, or for a post-norm model its first
+projection), whose hidden-state input is layer 0's input, and reads each one once computed.
+Nothing is kept but a ring of the last 9 states of the current batch (enough for spans of 8)
+and running sums, so memory is bounded by ``9 x batch x n_embd`` floats whatever the text's
+length or the model's depth. The text is cut into windows of ``n_ctx`` tokens decoded from
+an empty context; the first token of each window is left out (its hidden state is the
+attention sink's, orders of magnitude larger than the rest).
 
 Like every evaluation, this runs in a child process (:mod:`upscaler.checks.eval_worker`) on
 plain CPU buffers (:mod:`upscaler.checks.llama_params`).
@@ -183,8 +184,19 @@ class _Ggml:
         self.lib.ggml_backend_tensor_get(t, out.ctypes.data, 0, out.nbytes)
         return out
 
-    def src0(self, t: int) -> int:
-        return int(self.tensor(t).src[0] or 0)
+    def hidden_input(self, t: int, n_cols: int, n_rows: int) -> int:
+        """The input of node `t` that is a hidden state (n_cols x n_rows, F32, not a weight), or 0.
+
+        A pre-norm layer starts with the norm of its input (src[0]); a post-norm one (OLMo 2)
+        with a projection, whose src[0] is the weight and src[1] the input."""
+        for src in self.tensor(t).src:
+            if not src:
+                break
+            st = self.tensor(src)
+            if (st.type == 0 and st.ne[0] == n_cols and st.ne[1] == n_rows and st.ne[2] == st.ne[3] == 1
+                    and not st.name.endswith(b".weight") and self.lib.ggml_is_contiguous(src)):
+                return int(src)
+        return 0
 
 
 class _Accumulator:
@@ -198,11 +210,13 @@ class _Accumulator:
         self.count = 0
         self.ring: dict[int, np.ndarray] = {}
         self.skip_first = False
+        self.n_rows = 0
         self.seen: set[int] = set()
 
-    def start_batch(self, skip_first: bool) -> None:
+    def start_batch(self, n_rows: int, skip_first: bool) -> None:
         self.ring.clear()
         self.seen.clear()
+        self.n_rows = n_rows
         self.skip_first = skip_first
 
     def add_state(self, k: int, h: np.ndarray) -> None:
@@ -284,9 +298,10 @@ def _measure(req: _Request, rep: Reporter) -> LayerInfluence:
             if failure:
                 return True
             if first_of_layer0 and t == first_of_layer0[0] and 0 not in acc.seen:
-                src = ggml.src0(t)
+                src = ggml.hidden_input(t, n_embd, acc.n_rows)
                 if not src:
-                    raise SmokeError(f"{name.decode()} has no input: this architecture is not supported by `layers`")
+                    raise SmokeError(f"llama.cpp's first node of layer 0 ({name.decode()}) has no hidden-state "
+                                     "input: this architecture is not supported by `layers`")
                 acc.add_state(0, ggml.rows(src, n_embd))
             if k is not None:
                 acc.add_state(k, ggml.rows(t, n_embd))
@@ -322,7 +337,7 @@ def _measure(req: _Request, rep: Reporter) -> LayerInfluence:
                     decoder.clear()
                     for p0 in range(begin, end, piece):
                         chunk = tokens[p0:min(end, p0 + piece)]
-                        acc.start_batch(skip_first=p0 == begin)
+                        acc.start_batch(len(chunk), skip_first=p0 == begin)
                         first_of_layer0.clear()
                         decoder.decode(chunk, p0 - begin, [True] * len(chunk))
                         if failure:
