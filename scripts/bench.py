@@ -15,9 +15,13 @@ llama.cpp's quantize driver called with llama-cpp-python's own LLAMA_FTYPE_* con
   run       : one-shot `run` vs the two-step path (upscale F16, then llama.cpp's quantizer), seed plan.
   reflink   : seed-style upscale on a loop-mounted XFS/btrfs (root only; skipped otherwise): disk used and
               time with duplicates cloned from their first copy vs a plain write; byte identity.
+  sweep     : `sweep` of 5 candidates on the quantized demo model (--type Q4_1 --mixture source), built on a
+              loop-mounted XFS holding the source (root only; skipped otherwise) and in a plain folder: time
+              beyond evaluation (start-up, planning, building, removing) over the whole wall time, <= 5% on
+              reflink, <= 15% plain; the largest candidate's disk use on the XFS and its bytes vs the source.
 
-Usage: python scripts/bench.py [--only upscale,quantize,run,reflink] [--size-gb 4] [--runs 3] [--quick]
-                               [--dir out/bench] [--keep]
+Usage: python scripts/bench.py [--only upscale,quantize,run,reflink,sweep] [--size-gb 4] [--runs 3] [--quick]
+                               [--dir out/bench] [--keep] [--demo-model models/SmolLM2-135M-Instruct.Q4_1.gguf]
   --quick: small sources (tens of MB) and one run: checks the harness, not the targets' spirit.
 """
 
@@ -484,8 +488,164 @@ def bench_reflink(work: Path, threads: int = 2, size_gb: float = 4.0) -> dict:
         (work / "reflink.img").unlink(missing_ok=True)
 
 
+DEMO_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SWEEP_OVERLAP = "2..10:2"  # five candidates on the 30-layer demo model: 34, 38, ... 50 layers (0 is the source itself)
+
+
+def demo_model(path: Path | None) -> Path:
+    """The demo model (a real tokenizer, so it can be scored): `path`, or models/ of this checkout,
+    fetched as `make models/...` does (scripts/fetch_demo_model.py) when missing."""
+    if path is not None:
+        if not path.is_file():
+            raise SystemExit(f"--demo-model {path}: no such file")
+        return path
+    target = ROOT / "models" / DEMO_MODEL
+    if not target.exists():
+        cmd = [sys.executable, str(ROOT / "scripts" / "fetch_demo_model.py"), "--dest", str(target.parent)]
+        if subprocess.run(cmd).returncode != 0 or not target.exists():
+            raise SystemExit("could not fetch the demo model (scripts/fetch_demo_model.py)")
+    return target
+
+
+def fs_type(path: Path) -> str:
+    """The filesystem type holding `path`, from /proc/mounts (the longest mount point above it);
+    `stat -f` names ext4 "ext2/ext3"."""
+    real, best, kind = os.path.realpath(path), "", "unknown"
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, f"{parts[2]} ({parts[0]} on {mnt})"
+    return kind
+
+
+def slices_layer_map(slices: str) -> list[int]:
+    """'0:16,6:24,14:30' -> the source layer of every output layer."""
+    out: list[int] = []
+    for part in slices.split(","):
+        a, b = part.rstrip("*").split(":")
+        out += range(int(a), int(b))
+    return out
+
+
+def bench_sweep(work: Path, threads: int = 2, model: Path | None = None) -> dict:
+    """`gguf-upscale sweep` of 5 candidates on the quantized demo model with `--type Q4_1 --mixture source`
+    (its own type: nothing re-quantized), candidates built on a loop-mounted XFS holding the source
+    (reflink) and in a plain folder. Evaluation: the source's scoring and each candidate's (its child
+    process: start, load, decode), from the results file; overhead: everything else in the whole
+    process's wall time, measured from outside (start-up, planning, building, removing, results).
+    Targets: overhead <= 5% of the wall time on reflink, <= 15% on plain."""
+    src = demo_model(model)
+    tokens = ["--max-tokens", "128", "--ctx", "128"] if QUICK else ["--max-tokens", "1024", "--ctx", "512"]
+    halves: dict[str, tuple[Path, Path]] = {}  # name -> (source, work dir)
+    plain = work / "sweep-plain"
+    plain.mkdir(exist_ok=True)
+    halves["plain"] = (src, plain)
+    skipped = None
+    mounted = _mount_loop(work, 2 * 1024**3)  # source 98 MB, a candidate <= 143 MB, kept logits 201 MB
+    if isinstance(mounted, str):
+        skipped = mounted
+    else:
+        mnt, fs = mounted
+        shutil.copyfile(src, mnt / src.name)
+        halves["reflink"] = (mnt / src.name, mnt)
+    results: dict[str, list[dict]] = {k: [] for k in halves}
+
+    def sweep(name: str) -> Callable[[], Measure]:
+        source, folder = halves[name]
+
+        def one() -> Measure:
+            out = folder / f"sweep-{len(results[name])}.json"
+            m = run_measured(cli("sweep", source, "--overlap", SWEEP_OVERLAP, "--type", "Q4_1", "--mixture", "source",
+                                 *tokens, "--threads", threads, "--work-dir", folder, "-o", out, "--force"))
+            r = json.loads(out.read_text())
+            out.unlink()
+            r["wall_seconds"] = m.seconds
+            r["loadavg"] = os.getloadavg()[0]  # other work on the machine slows evaluation (2 shared cores)
+            results[name].append(r)
+            return m
+        return one
+
+    try:
+        interleaved(RUNS, *(sweep(k) for k in halves))
+        res: dict[str, Any] = {"source": f"{src.name} ({src.stat().st_size / 1e6:.1f} MB, 30 layers, Q4_1/Q8_0)",
+                               "candidates": f"--overlap {SWEEP_OVERLAP} --type Q4_1 --mixture source",
+                               "scored": " ".join(tokens), "threads": threads}
+        ok = True
+        for name, runs in results.items():
+            res.update(_sweep_figures(name, runs, halves[name][1], 0.05 if name == "reflink" else 0.15))
+            ok = ok and res[f"{name}_ok"]
+        if skipped:
+            res["reflink_skipped"] = skipped
+        else:
+            res.update(_sweep_disk_check(halves["reflink"][0], mnt, results["reflink"][0]))
+            ok = ok and res["kept_source_bytes"] is True
+        res["ok"] = ok
+        return res
+    finally:
+        shutil.rmtree(plain, ignore_errors=True)
+        if not isinstance(mounted, str):
+            subprocess.run(["umount", str(mounted[0])], capture_output=True)
+            (work / "reflink.img").unlink(missing_ok=True)
+
+
+def _sweep_figures(name: str, runs: list[dict], folder: Path, target: float) -> dict:
+    """Medians over the runs of one half; judged on median overhead / median wall time."""
+    def med(f: Callable[[dict], float]) -> float:
+        return float(np.median([f(r) for r in runs]))
+
+    def evaluation(r: dict) -> float:  # source_seconds is timed in its child: its start-up counts as overhead
+        return r["source_seconds"] + sum(c["eval_seconds"] for c in r["candidates"])
+
+    failed = [f"{c['label']}: {c['error']}" for r in runs for c in r["candidates"] if c["error"]]
+    wall = [r["wall_seconds"] for r in runs]
+    overhead = med(lambda r: r["wall_seconds"] - evaluation(r))
+    ratio = overhead / med(lambda r: r["wall_seconds"])
+    return {
+        f"{name}_filesystem": fs_type(folder), f"{name}_same_filesystem": runs[0]["same_filesystem"],
+        f"{name}_wall_s": round(med(lambda r: r["wall_seconds"]), 2),
+        f"{name}_wall_spread": round((max(wall) - min(wall)) / float(np.median(wall)), 3),
+        f"{name}_evaluation_s": round(med(evaluation), 2),
+        f"{name}_source_scoring_s": round(med(lambda r: r["source_seconds"]), 2),
+        f"{name}_overhead_s": round(overhead, 2),
+        f"{name}_build_s": round(med(lambda r: sum(c["build_seconds"] for c in r["candidates"])), 3),
+        f"{name}_cleanup_s": round(med(lambda r: sum(c["cleanup_seconds"] for c in r["candidates"])), 3),
+        f"{name}_rest_in_sweep_s": round(med(lambda r: r["overhead_seconds"] - sum(
+            c["build_seconds"] + c["cleanup_seconds"] for c in r["candidates"])), 3),
+        f"{name}_outside_sweep_s": round(med(lambda r: r["wall_seconds"] - r["total_seconds"]), 3),
+        f"{name}_overhead_over_wall": round(ratio, 4), f"{name}_target": target,
+        f"{name}_overhead_over_wall_runs": [round((r["wall_seconds"] - evaluation(r)) / r["wall_seconds"], 4)
+                                            for r in runs],
+        f"{name}_candidate_errors": failed or None,
+        f"{name}_loadavg_1min": [round(r["loadavg"], 1) for r in runs],
+        f"{name}_ok": not failed and len(runs[0]["candidates"]) == 5 and ratio <= target,
+    }
+
+
+def _sweep_disk_check(src: Path, mnt: Path, result: dict) -> dict:
+    """The largest candidate built once more (`run`, as the sweep builds it) on the XFS: disk it takes
+    (what reflink spared) and whether its tensors are the source's bytes (nothing re-quantized)."""
+    cand = max(result["candidates"], key=lambda c: c["block_count"])
+    out = mnt / "disk-check.gguf"
+    before = _fs_used(mnt)
+    run_measured(cli("run", src, "--slices", cand["slices"], "--type", "Q4_1", "--mixture", "source", "--no-smoke",
+                     "--no-model-card", "-o", out))
+    used = _fs_used(mnt) - before
+    diff = upscaled_matches_source(src, out, slices_layer_map(cand["slices"]))
+    size = out.stat().st_size
+    out.unlink()
+    return {"candidate_checked": f"{cand['label']} ({cand['slices']}, {size / 1e6:.1f} MB)",
+            "candidate_fs_used_over_size": round(used / size, 3), "kept_source_bytes": diff or True}
+
+
 BENCHES: dict[str, Callable[..., dict]] = {"upscale": bench_upscale, "quantize": bench_quantize, "run": bench_run,
-                                           "reflink": bench_reflink}
+                                           "reflink": bench_reflink, "sweep": bench_sweep}
 
 
 def main() -> int:
@@ -497,6 +657,8 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the synthetic models for the next run")
     ap.add_argument("--runs", type=int, default=3, help="runs of each contender (median and spread reported)")
     ap.add_argument("--quick", action="store_true", help="small sources, one run: check the harness")
+    ap.add_argument("--demo-model", type=Path, default=None,
+                    help=f"{DEMO_MODEL} for `sweep` (default: models/ here, fetched when missing)")
     args = ap.parse_args()
     global RUNS, QUICK
     RUNS, QUICK = (1 if args.quick else max(1, args.runs)), args.quick
@@ -505,10 +667,15 @@ def main() -> int:
     args.dir.mkdir(parents=True, exist_ok=True)
     results = {}
     try:
-        for name in args.only.split(","):
-            fn = BENCHES[name.strip()]
+        for name in (n.strip() for n in args.only.split(",")):
+            fn = BENCHES[name]
             print(f"== {name}", flush=True)
-            res = fn(args.dir, args.size_gb) if name == "upscale" else fn(args.dir, threads=args.threads)
+            if name == "upscale":
+                res = fn(args.dir, args.size_gb)
+            elif name == "sweep":
+                res = fn(args.dir, threads=args.threads, model=args.demo_model)
+            else:
+                res = fn(args.dir, threads=args.threads)
             results[name] = res
             for k, v in res.items():
                 print(f"  {k:<28} {v}")
