@@ -866,9 +866,9 @@ def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
 
     SOURCE is the source GGUF (any shard of a set); it is scored once and every candidate is compared
     with it (KL divergence, top-1 agreement). Candidates are built one at a time in a temporary folder
-    and removed after scoring; on a reflink filesystem holding SOURCE, building them costs almost no
-    time or disk. Closeness to the source is not quality: perplexity on your own kind of text
-    (--text-file) is the proxy.
+    and removed after scoring; on a reflink filesystem holding SOURCE, tensors that line up on its
+    blocks are shared with SOURCE instead of written. Closeness to the source is not quality:
+    perplexity on your own kind of text (--text-file) is the proxy.
     """
     from .sweep import candidates as cands
     from .sweep.runner import SweepInterrupted, SweepOptions, prepare_candidates, run_sweep
@@ -937,7 +937,7 @@ def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
             prog.close()
     if result.same_filesystem is False and not quiet:
         _echo_err(f"note: {work} is not on the source's filesystem, so each candidate was written in full "
-                  "(--work-dir on the source's reflink filesystem makes building almost free)")
+                  "(with --work-dir on the source's reflink filesystem, block-aligned tensors are shared)")
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2, ensure_ascii=False))
     else:
