@@ -736,6 +736,28 @@ def _check_imatrix_depth(layers: list[tuple[str, int]], ims: dict[str, Any]) -> 
                                f"{depth} layers (blk.0-{depth - 1}); was it computed on another model?")
 
 
+def _check_new_file(path: Optional[Path], option: str, force: bool) -> None:
+    """Refuse, before any work, an existing file the command would replace without --force."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UpscaleError(f"{option} {path}: is a folder")
+    if path.exists() and not force:
+        raise UpscaleError(f"{path} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise UpscaleError(f"{option} {path}: no such folder {path.parent}")
+
+
+def _check_plot(plot: Optional[Path], force: bool) -> None:
+    """--plot refused before the long evaluation: an existing file, or no matplotlib."""
+    _check_new_file(plot, "--plot", force)
+    if plot is not None:
+        try:
+            import matplotlib  # noqa: F401 - only checking that it is installed
+        except ImportError:
+            raise UpscaleError("--plot needs matplotlib: pip install 'gguf-upscale[plot]'") from None
+
+
 def _read_text_option(text: Optional[Path]) -> tuple[str, str]:
     """The --text-file's contents and how to name it; the built-in text without one."""
     from .checks.smoke import default_text
@@ -778,12 +800,7 @@ def layers(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=Tr
     if max_tokens < 1 or ctx < 8:
         raise UpscaleError("--max-tokens must be at least 1 and --ctx at least 8")
     body, label = _read_text_option(text)
-    _check_new_file(plot, "--plot", force)
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401 - refused now rather than after the measurement
-        except ImportError:
-            raise UpscaleError("--plot needs matplotlib: pip install 'gguf-upscale[plot]'") from None
+    _check_plot(plot, force)
     prog = _scoring_progress()
     try:
         r = measure_layers(model_file, text=body, n_ctx=ctx, max_tokens=max_tokens,
@@ -801,18 +818,6 @@ def layers(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=Tr
 
 
 SWEEP_PANEL = "Candidates"
-
-
-def _check_new_file(path: Optional[Path], option: str, force: bool) -> None:
-    """Refuse, before any work, an existing file the command would replace without --force."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise UpscaleError(f"{option} {path}: is a folder")
-    if path.exists() and not force:
-        raise UpscaleError(f"{path} exists; pass --force to overwrite it")
-    if not path.parent.is_dir():
-        raise UpscaleError(f"{option} {path}: no such folder {path.parent}")
 
 
 @command(short_help='Build and score candidate plans; rank them by perplexity.')
@@ -886,11 +891,7 @@ def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
     body, label = _read_text_option(text)
     for path, option in ((output, "-o"), (save_best, "--save-best"), (plot, "--plot")):
         _check_new_file(path, option, force)
-    if plot is not None:
-        try:
-            import matplotlib  # noqa: F401 - refused now rather than after the sweep
-        except ImportError:
-            raise UpscaleError("--plot needs matplotlib: pip install 'gguf-upscale[plot]'") from None
+    _check_plot(plot, force)
     if keep is not None and keep.exists() and not keep.is_dir():
         raise UpscaleError(f"--keep {keep}: not a folder")
     if work_dir is not None and not work_dir.is_dir():
