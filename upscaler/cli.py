@@ -10,7 +10,7 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from typer.core import TyperCommand
@@ -24,6 +24,9 @@ from .pipeline import prepare
 from .planning.metadata import base_models, recorded_lineage
 from .progress import BarProgress
 from .publish.report import PLAN_TYPES, human_bytes, human_count, layer_map, plan_stats, runs, size_table, type_counts
+
+if TYPE_CHECKING:
+    from .quant.quantizer import MixtureMode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Build deeper GGUF models from layer slices of existing ones (mergekit passthrough "
@@ -426,8 +429,7 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
     )
     from .quant.quant_types import parse_quant_type
     from .quant.quantizer import assign_types
-    if mixture not in ("target", "source"):
-        raise UpscaleError(f"--mixture must be target or source, got {mixture!r}")
+    mode = _mixture_mode(mixture)
     qtype = parse_quant_type(type_)
     mix = _mixture(output_tensor_type, token_embedding_type, leave_output_tensor, pure, tensor_type)
     overrides = _kv_overrides(override_kv)
@@ -439,7 +441,7 @@ def run(source: Optional[str] = SourceArg, slices: Optional[str] = SlicesOpt, co
         raise UpscaleError(f"{qtype.name} needs an importance matrix: pass --imatrix FILE (computed on the source)")
     first_im = next(iter(ims.values()), None)
     qout = assign_types(out, qtype, imatrix_kvs=first_im.kvs() if first_im else None, has_imatrix=bool(ims),
-                        mode=mixture, plan=p, models=res.models, mixture=mix,  # type: ignore[arg-type]
+                        mode=mode, plan=p, models=res.models, mixture=mix,
                         kv_overrides=overrides)
     entries = source_imatrix_lookup(qout, p, ims)
     check_imatrix_coverage(qout, qtype, entries)
@@ -736,6 +738,13 @@ def _check_imatrix_depth(layers: list[tuple[str, int]], ims: dict[str, Any]) -> 
                                f"{depth} layers (blk.0-{depth - 1}); was it computed on another model?")
 
 
+def _mixture_mode(mixture: str) -> MixtureMode:
+    """--mixture checked: whose llama.cpp type decisions a quantized output follows."""
+    if mixture not in ("target", "source"):
+        raise UpscaleError(f"--mixture must be target or source, got {mixture!r}")
+    return "source" if mixture == "source" else "target"
+
+
 def _check_new_file(path: Optional[Path], option: str, force: bool) -> None:
     """Refuse, before any work, an existing file the command would replace without --force."""
     if path is None:
@@ -817,23 +826,20 @@ def layers(model_file: str = typer.Argument(..., metavar="MODEL.gguf", hidden=Tr
         save_layers_plot(r, plot, title=f"{Path(r.path).name}: change of the hidden state on {label}", force=True)
 
 
-SWEEP_PANEL = "Candidates"
-
-
 @command(short_help='Build and score candidate plans; rank them by perplexity.')
 def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
-          slices: Optional[list[str]] = typer.Option(None, "--slices", metavar="RANGES", rich_help_panel=SWEEP_PANEL,
+          slices: Optional[list[str]] = typer.Option(None, "--slices", metavar="RANGES",
                                                      help="A candidate as layer ranges, e.g. 0:20,10:30 "
                                                           "(repeatable)."),
-          config: Optional[list[str]] = typer.Option(None, "--config", metavar="YAML", rich_help_panel=SWEEP_PANEL,
+          config: Optional[list[str]] = typer.Option(None, "--config", metavar="YAML",
                                                      help="A candidate as a mergekit YAML (repeatable)."),
-          preset: Optional[list[str]] = typer.Option(None, "--preset", metavar="NAME", rich_help_panel=SWEEP_PANEL,
+          preset: Optional[list[str]] = typer.Option(None, "--preset", metavar="NAME",
                                                      help="A candidate as a preset, e.g. solar:drop=8 "
                                                           "(repeatable)."),
-          overlap: Optional[str] = typer.Option(None, "--overlap", metavar="A..B", rich_help_panel=SWEEP_PANEL,
+          overlap: Optional[str] = typer.Option(None, "--overlap", metavar="A..B",
                                                 help="The seed's family: three slices, consecutive ones sharing "
                                                      "K layers, for K in A..B (or A..B:STEP)."),
-          solar_drop: Optional[str] = typer.Option(None, "--solar-drop", metavar="A..B", rich_help_panel=SWEEP_PANEL,
+          solar_drop: Optional[str] = typer.Option(None, "--solar-drop", metavar="A..B",
                                                    help="SOLAR's family [0,n-m]+[m,n] for m in A..B."),
           model: Optional[list[str]] = ModelOpt,
           text: Optional[Path] = typer.Option(None, "--text-file", metavar="FILE",
@@ -879,18 +885,18 @@ def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
     from .sweep.runner import SweepInterrupted, SweepOptions, prepare_candidates, run_sweep
     from .sweep.table import best_lines, chart_lines, result_line, save_plot, table_lines
     _tensor_logger(verbose)
-    if mixture not in ("target", "source"):
-        raise UpscaleError(f"--mixture must be target or source, got {mixture!r}")
+    mode = _mixture_mode(mixture)
     if max_tokens < 1 or ctx < 8:
         raise UpscaleError("--max-tokens must be at least 1 and --ctx at least 8")
-    if windows not in ("sliding", "chunks"):
-        raise UpscaleError(f"--windows must be sliding or chunks, got {windows!r}")
+    from .checks.llama_session import WINDOWS
+    if windows not in WINDOWS:
+        raise UpscaleError(f"--windows must be one of {', '.join(WINDOWS)}, got {windows!r}")
     if type_ is not None:
         from .quant.quant_types import parse_quant_type
         parse_quant_type(type_)
     body, label = _read_text_option(text)
-    for path, option in ((output, "-o"), (save_best, "--save-best"), (plot, "--plot")):
-        _check_new_file(path, option, force)
+    _check_new_file(output, "-o", force)
+    _check_new_file(save_best, "--save-best", force)
     _check_plot(plot, force)
     if keep is not None and keep.exists() and not keep.is_dir():
         raise UpscaleError(f"--keep {keep}: not a folder")
@@ -902,7 +908,7 @@ def sweep(source: str = typer.Argument(..., metavar="SOURCE", hidden=True),
         given += cands.overlap_family(depth, overlap) if overlap else []
         given += cands.solar_family(depth, solar_drop) if solar_drop else []
     opts = SweepOptions(text=body, text_label=label, n_ctx=ctx, max_tokens_scored=max_tokens, windows=windows,
-                        eval_threads=_smoke_threads(threads), quant_type=type_, mixture=mixture,
+                        eval_threads=_smoke_threads(threads), quant_type=type_, mixture=mode,
                         quant_threads=_threads(threads), models=model)
     planned, notes = prepare_candidates(source, given, opts)
     if keep is not None:  # created only once every candidate is known to be good

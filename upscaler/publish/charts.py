@@ -16,10 +16,15 @@ from typing import Sequence
 
 from ..errors import UpscaleError
 
-__all__ = ["Bar", "bar_chart", "save_png"]
+__all__ = ["Bar", "bar_chart", "fit", "save_png"]
 
 _EIGHTHS = " ▏▎▍▌▋▊▉█"
 _MIN_BAR = 12  # columns a bar keeps when labels are long: longer labels end in an ellipsis
+
+
+def fit(text: str, width: int) -> str:
+    """`text` in at most `width` columns: a longer one ends in an ellipsis."""
+    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,7 @@ def bar_chart(bars: Sequence[Bar], *, width: int = 80, floor: float | None = Non
             bar = "█" * (eighths // 8) + (_EIGHTHS[eighths % 8] if eighths % 8 else "")
         else:
             bar = "#" * round(frac * bar_w)
-        label = b.label if len(b.label) <= label_w else b.label[: label_w - 1] + "…"
-        out.append(f"{label:>{label_w}}  {bar:<{bar_w}}  {b.text}".rstrip())
+        out.append(f"{fit(b.label, label_w):>{label_w}}  {bar:<{bar_w}}  {b.text}".rstrip())
     return out
 
 

@@ -7,30 +7,26 @@ from pathlib import Path
 from typing import Sequence
 
 from ..checks.layer_influence import LayerInfluence
-from .charts import Bar, bar_chart, save_png
+from .charts import Bar, bar_chart, fit, save_png
 
 __all__ = ["layer_lines", "save_layers_plot"]
-
-
-def _fit(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
 
 
 def layer_lines(r: LayerInfluence, text_label: str, width: int = 80, encoding: str | None = "utf-8") -> list[str]:
     """Header, one bar per layer (its angular distance), then the least-changing span of each length."""
     name = Path(r.path).name
-    out = [_fit(f"layers: {name} ({r.arch}, {r.n_layer} layers, {r.n_embd} wide)", width),
-           _fit(f"measured on {r.n_tokens} tokens of {text_label}, in windows of {r.n_ctx}", width),
-           _fit("angular distance, layer input to output (0: unchanged, 0.5: orthogonal)", width)]
+    out = [fit(f"layers: {name} ({r.arch}, {r.n_layer} layers, {r.n_embd} wide)", width),
+           fit(f"measured on {r.n_tokens} tokens of {text_label}, in windows of {r.n_ctx}", width),
+           fit("angular distance, layer input to output (0: unchanged, 0.5: orthogonal)", width)]
     pl = r.per_layer
     bars = [Bar(str(i), m, f"{m:.4f} ± {u:.4f}") for i, (m, u) in enumerate(zip(pl.mean, pl.uncertainty))]
     out += bar_chart(bars, width=width, floor=0.0, encoding=encoding)
     out.append("")
-    out.append(_fit("least-changing spans (the cheapest to repeat or drop, by this measure):", width))
+    out.append(fit("least-changing spans (the cheapest to repeat or drop, by this measure):", width))
     for n, s in sorted(r.spans.items()):
         i = s.least()
         where = f"layer {i}" if n == 1 else f"layers {i}-{i + n - 1}"
-        out.append(_fit(f"  {n} layer{'s' if n > 1 else ' '}  {where:<14} {s.mean[i]:.4f} ± {s.uncertainty[i]:.4f}",
+        out.append(fit(f"  {n} layer{'s' if n > 1 else ' '}  {where:<14} {s.mean[i]:.4f} ± {s.uncertainty[i]:.4f}",
                         width))
     return out
 

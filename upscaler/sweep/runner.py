@@ -28,7 +28,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..checks.kl_stats import mean_and_uncertainty
 from ..checks.reference_scores import CandidateScores, StoredReference, score_candidate, score_reference
@@ -40,6 +40,9 @@ from ..format.writer import GGUFOutput
 from ..pipeline import Prepared, prepare, write_quantized
 from ..publish.report import runs
 from .candidates import Candidate, dedupe
+
+if TYPE_CHECKING:
+    from ..quant.quantizer import MixtureMode
 
 __all__ = ["CandidateResult", "SweepInterrupted", "SweepOptions", "SweepResult", "paired_ratio", "prepare_candidates",
            "run_sweep"]
@@ -58,7 +61,7 @@ class SweepOptions:
     windows: str = "sliding"
     eval_threads: int | None = None
     quant_type: str | None = None  # None: tensor types unchanged, as `upscale`
-    mixture: str = "target"
+    mixture: MixtureMode = "target"
     quant_threads: int = 1
     models: list[str] | None = None
 
@@ -228,7 +231,7 @@ def _build(prep: Prepared, dest: Path, opts: SweepOptions) -> Path:
     from ..quant.quant_types import parse_quant_type
     from ..quant.quantizer import assign_types
     qtype = parse_quant_type(opts.quant_type)
-    qout = assign_types(out, qtype, imatrix_kvs=None, has_imatrix=False, mode=opts.mixture,  # type: ignore[arg-type]
+    qout = assign_types(out, qtype, imatrix_kvs=None, has_imatrix=False, mode=opts.mixture,
                         plan=prep.plan, models=prep.models)
     writer = GGUFOutput(qout, dest, inputs=prep.input_paths)
     writer.check()

@@ -9,15 +9,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..publish.charts import Bar, bar_chart, save_png
+from ..publish.charts import Bar, bar_chart, fit, save_png
 from ..publish.report import human_bytes
 from .runner import CandidateResult, SweepResult, paired_ratio
 
 __all__ = ["best_lines", "chart_lines", "result_line", "save_plot", "table_lines"]
-
-
-def _fit(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
 
 
 def _ppl(c: CandidateResult) -> str:
@@ -40,9 +36,9 @@ def table_lines(result: SweepResult, width: int = 80) -> list[str]:
     out = []
     if ref is not None:
         name = result.source.rsplit("/", 1)[-1]
-        out.append(_fit(f"source {name}: {ref.n_layer} layers, PPL {ref.perplexity:.2f} ± "
+        out.append(fit(f"source {name}: {ref.n_layer} layers, PPL {ref.perplexity:.2f} ± "
                         f"{ref.perplexity_uncertainty:.2f}", width))
-        out.append(_fit(f"scored on {ref.n_scored} tokens of {result.text} (context {ref.n_ctx}, "
+        out.append(fit(f"scored on {ref.n_scored} tokens of {result.text} (context {ref.n_ctx}, "
                         f"{ref.windows_mode} windows)", width))
     ranked = result.ranked()
     if not ranked:
@@ -60,7 +56,7 @@ def table_lines(result: SweepResult, width: int = 80) -> list[str]:
     right = {0, 2, 3, 4, 5, 6}
 
     def line(cells: tuple[str, ...]) -> str:
-        parts = [(f"{cell:>{w}}" if j in right else f"{_fit(cell, w):<{w}}") for j, (cell, w) in
+        parts = [(f"{cell:>{w}}" if j in right else f"{fit(cell, w):<{w}}") for j, (cell, w) in
                  enumerate(zip(cells, fixed))]
         return "  ".join(parts).rstrip()
 
@@ -69,7 +65,7 @@ def table_lines(result: SweepResult, width: int = 80) -> list[str]:
     for c, r in zip(ranked, rows):
         if c.scores is None:
             prefix = line(r[:3] + ("",) * 4).rstrip()
-            out.append(_fit(f"{prefix}  failed: {c.error}", width))
+            out.append(fit(f"{prefix}  failed: {c.error}", width))
         else:
             out.append(line(r))
     return out
@@ -82,13 +78,10 @@ def chart_lines(result: SweepResult, width: int = 80, encoding: str | None = "ut
         return []
     base = result.reference.perplexity
     floor = min([base] + [c.perplexity for c in scored])
-    texts = [f"{c.perplexity:.2f}" if c.scores else "failed" for c in result.candidates]
-    # bar_chart sizes its label column by the longest label: cut long ones so bars of 12+ columns fit
-    label_w = max(9, width - max(len(t) for t in texts) - 4 - 12)
-    bars = [Bar(_fit(c.label, label_w), c.perplexity if c.scores else math.nan, t)
-            for c, t in zip(result.candidates, texts)]
+    bars = [Bar(c.label, c.perplexity if c.scores else math.nan, f"{c.perplexity:.2f}" if c.scores else "failed")
+            for c in result.candidates]
     title = f"perplexity by candidate, in the order given (the source: {base:.2f})"
-    return [_fit(title, width), *bar_chart(bars, width=width, floor=floor * 0.98, encoding=encoding)]
+    return [fit(title, width), *bar_chart(bars, width=width, floor=floor * 0.98, encoding=encoding)]
 
 
 def best_lines(result: SweepResult, width: int = 80) -> list[str]:
@@ -96,15 +89,15 @@ def best_lines(result: SweepResult, width: int = 80) -> list[str]:
     if best is None or best.scores is None or result.reference is None:
         return []
     s = best.scores.stats
-    lines = [_fit(f"best: {best.label} ({best.block_count} layers, {human_bytes(best.size or 0)}), "
+    lines = [fit(f"best: {best.label} ({best.block_count} layers, {human_bytes(best.size or 0)}), "
                   f"PPL {s.perplexity:.2f} ± {s.perplexity_uncertainty:.2f}", width),
-             _fit(f"  {s.perplexity_ratio:.3f} ± {s.perplexity_ratio_uncertainty:.3f} x the source's perplexity; "
+             fit(f"  {s.perplexity_ratio:.3f} ± {s.perplexity_ratio_uncertainty:.3f} x the source's perplexity; "
                   f"KL {s.kl_divergence:.4f}, top-1 {s.top1_agreement * 100:.1f}%", width)]
     ranked = [c for c in result.ranked() if c.scores and not c.is_source]
     if len(ranked) > 1 and ranked[1].scores is not None:
         ratio, unc = paired_ratio(best, ranked[1])
-        lines.append(_fit(f"  vs the runner-up, {ranked[1].label}: PPL ratio {ratio:.4f} ± {unc:.4f}", width))
-        lines.append(_fit("  (paired over the same tokens, so tighter than the ± in the table)", width))
+        lines.append(fit(f"  vs the runner-up, {ranked[1].label}: PPL ratio {ratio:.4f} ± {unc:.4f}", width))
+        lines.append(fit("  (paired over the same tokens, so tighter than the ± in the table)", width))
     return lines
 
 
