@@ -194,12 +194,10 @@ def _plan_key(prep: Prepared) -> str:
     return r.model_copy(update={"slices": slices, "tokenizer_source": tok}).to_yaml()
 
 
-def _is_source(prep: Prepared) -> bool:
-    """The plan rebuilds its only source model layer for layer (e.g. --overlap 0): the control."""
-    if len(prep.plan.models) != 1:
-        return False
-    depth = next(iter(prep.models.values())).block_count
-    return _slices_text(prep) == f"0:{depth}"
+def _is_source(prep: Prepared, slices: str) -> bool:
+    """The plan (`slices`, its _slices_text) rebuilds its only source model layer for layer (e.g.
+    --overlap 0): the control."""
+    return len(prep.plan.models) == 1 and slices == f"0:{next(iter(prep.models.values())).block_count}"
 
 
 def prepare_candidates(source: str, cands: list[Candidate], opts: SweepOptions) -> tuple[
@@ -221,22 +219,19 @@ def prepare_candidates(source: str, cands: list[Candidate], opts: SweepOptions) 
 
 
 def _build(prep: Prepared, dest: Path, opts: SweepOptions) -> Path:
+    """Write the candidate as `upscale` does, or with --type as `run` does (no imatrix)."""
     out = prep.out
-    if opts.quant_type is None:
-        writer = GGUFOutput(out, dest, inputs=prep.input_paths)
-        writer.check()
-        with TensorReader() as reader, Emitter(reader) as emitter:
-            paths = writer.write(emitter)
-        return paths[0]
-    from ..quant.quant_types import parse_quant_type
-    from ..quant.quantizer import assign_types
-    qtype = parse_quant_type(opts.quant_type)
-    qout = assign_types(out, qtype, imatrix_kvs=None, has_imatrix=False, mode=opts.mixture,
-                        plan=prep.plan, models=prep.models)
-    writer = GGUFOutput(qout, dest, inputs=prep.input_paths)
+    if opts.quant_type is not None:
+        from ..quant.quant_types import parse_quant_type
+        from ..quant.quantizer import assign_types
+        out = assign_types(out, parse_quant_type(opts.quant_type), mode=opts.mixture, plan=prep.plan,
+                           models=prep.models)
+    writer = GGUFOutput(out, dest, inputs=prep.input_paths)
     writer.check()
-    paths, _ = write_quantized(writer, entries={}, n_threads=opts.quant_threads, progress=None, log=None)
-    return paths[0]
+    if opts.quant_type is not None:
+        return write_quantized(writer, entries={}, n_threads=opts.quant_threads, progress=None, log=None)[0][0]
+    with TensorReader() as reader, Emitter(reader) as emitter:
+        return writer.write(emitter)[0]
 
 
 def _keep_name(label: str) -> str:
@@ -287,15 +282,16 @@ def run_sweep(source: str, planned: list[tuple[Candidate, Prepared]], opts: Swee
         emit("source", result.reference)
         save()
         for i, (cand, prep) in enumerate(planned, 1):
-            res = CandidateResult(cand.label, _slices_text(prep), prep.plan.block_count, prep.plan.recipe.to_yaml())
-            res.is_source = _is_source(prep)
+            slices = _slices_text(prep)
+            res = CandidateResult(cand.label, slices, prep.plan.block_count, prep.plan.recipe.to_yaml(),
+                                  is_source=_is_source(prep, slices))
             emit("stage", f"[{i}/{len(planned)}] building {cand.label} ({prep.plan.block_count} layers)")
             dest = tmp / f"candidate-{i:03d}.gguf"
             try:
                 _one(prep, dest, res, result.reference, opts, emit, progress, keep_dir, force, i, len(planned))
             finally:
                 t = time.perf_counter()
-                _remove_model(dest)
+                dest.unlink(missing_ok=True)
                 res.cleanup_seconds += time.perf_counter() - t
             result.candidates.append(res)
             result.pending.pop(0)
@@ -303,22 +299,19 @@ def run_sweep(source: str, planned: list[tuple[Candidate, Prepared]], opts: Swee
             save()
     except KeyboardInterrupt:
         result.interrupted = True
-        shutil.rmtree(tmp, ignore_errors=True)
         result.total_seconds = time.perf_counter() - t0
         save()
         raise SweepInterrupted(result) from None
     except BaseException as e:  # an error that ends the sweep: the results file says where it stopped
         result.notes.append(f"the sweep stopped: {e}")
         result.total_seconds = time.perf_counter() - t0
-        if results_path is not None:
-            try:
-                save()
-            except UpscaleError:
-                pass
+        try:
+            save()
+        except UpscaleError:
+            pass
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result.pending = []
     result.total_seconds = time.perf_counter() - t0
     save()
     return result
@@ -356,13 +349,6 @@ def _one(prep: Prepared, dest: Path, res: CandidateResult, ref: StoredReference,
         else:
             res.kept = str(kept)
         res.cleanup_seconds += time.perf_counter() - t
-
-
-def _remove_model(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        pass
 
 
 def _save(result: SweepResult, path: Path) -> None:
