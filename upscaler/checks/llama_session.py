@@ -26,6 +26,7 @@ __all__ = [
     "WINDOWS",
     "Decoder",
     "check_finite",
+    "check_same_tokens",
     "checked_model_path",
     "count_scored",
     "detokenize",
@@ -171,6 +172,22 @@ def vocab_only_tokens(path: str | Path, text: str) -> tuple[list[int], int]:
         return tokenize(vocab, text), llama_cpp.llama_vocab_n_tokens(vocab)
     finally:
         llama_cpp.llama_model_free(model)
+
+
+def check_same_tokens(vocab: Any, ref_tokens: list[int], ref_n_vocab: int, tokens: list[int], n_vocab: int) -> None:
+    """KL is only meaningful on identical token ids: same vocab size and same tokenization."""
+    if ref_n_vocab != n_vocab:
+        raise SmokeError(f"vocabularies differ: reference has {ref_n_vocab} tokens, model has {n_vocab}")
+    if ref_tokens != tokens:
+        i = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), min(len(ref_tokens), len(tokens)))
+        ref_tok = ref_tokens[i] if i < len(ref_tokens) else None
+        tok = tokens[i] if i < len(tokens) else None
+        piece = token_piece(vocab, tok) if tok is not None else b""
+        raise SmokeError(
+            f"reference and model tokenize the text differently: first difference at token {i} "
+            f"(reference id {ref_tok}, model id {tok} {piece.decode('utf-8', 'replace')!r}; "
+            f"{len(ref_tokens)} vs {len(tokens)} tokens)"
+        )
 
 
 class Decoder:

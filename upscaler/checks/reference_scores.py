@@ -29,6 +29,7 @@ from . import scoring
 from .eval_worker import Reporter, run_isolated
 from .kl_stats import KLStatistics, kl_statistics, mean_and_uncertainty, perplexity_of
 from .llama_session import (
+    check_same_tokens,
     checked_model_path,
     count_scored,
     model_facts,
@@ -175,7 +176,7 @@ def _score_candidate(req: _CandidateRequest, rep: Reporter) -> CandidateScores:
     ref = req.reference
     path = Path(req.path)
     label = f"candidate {path.name}"
-    ref_tokens = np.load(ref.file("tokens"))
+    ref_tokens = np.load(ref.file("tokens")).tolist()
     kept = KeptLogits(np.load(ref.file("logits"), mmap_mode="r"), np.load(ref.file("lse")),
                       np.load(ref.file("argmax")))
     ref_nll = np.load(ref.file("nll"))
@@ -186,10 +187,7 @@ def _score_candidate(req: _CandidateRequest, rep: Reporter) -> CandidateScores:
         vocab = vocab_of(llm)
         n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
         tokens = tokenize(vocab, ref.text)
-        if n_vocab != ref.n_vocab or not np.array_equal(np.asarray(tokens, dtype=np.int64), ref_tokens):
-            raise SmokeError(f"{label} tokenizes the text differently from the source "
-                             f"({n_vocab} vs {ref.n_vocab} vocabulary entries, {len(tokens)} vs "
-                             f"{len(ref_tokens)} tokens)")
+        check_same_tokens(vocab, ref_tokens, ref.n_vocab, tokens, n_vocab)
         rep.stage(f"scoring {label}")
         scores = score_windows(llm, tokens, ref.windows, what=label, against=kept, against_reference=True,
                                chunk_bytes=req.chunk_bytes, progress=lambda d, n: rep.progress("candidate", d, n))

@@ -65,13 +65,13 @@ from .llama_session import (
     WINDOWS,
     Decoder,
     check_finite,
+    check_same_tokens,
     checked_model_path,
     count_scored,
     detokenize,
     model_facts,
     open_model,
     text_windows,
-    token_piece,
     tokenize,
     vocab_of,
     vocab_only_tokens,
@@ -322,7 +322,7 @@ def _evaluate(req: _Request, rep: Reporter) -> SmokeReport:
         n_layer, n_params = model_facts(llm)
         tokens = tokenize(vocab, req.text)
         if ref_tokens is not None:
-            _check_same_tokens(vocab, ref_tokens, ref_n_vocab, tokens, n_vocab)
+            check_same_tokens(vocab, ref_tokens, ref_n_vocab, tokens, n_vocab)
 
         rep.stage(f"generating with {model_label}")
         t = time.perf_counter()
@@ -393,19 +393,3 @@ def _evaluate(req: _Request, rep: Reporter) -> SmokeReport:
     report.timings = {k: round(v, 3) for k, v in timings.items()}
     report.elapsed = time.perf_counter() - t_start
     return report
-
-
-def _check_same_tokens(vocab: Any, ref_tokens: list[int], ref_n_vocab: int, tokens: list[int], n_vocab: int) -> None:
-    """KL is only meaningful on identical token ids: same vocab size and same tokenization."""
-    if ref_n_vocab != n_vocab:
-        raise SmokeError(f"vocabularies differ: reference has {ref_n_vocab} tokens, model has {n_vocab}")
-    if ref_tokens != tokens:
-        i = next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), min(len(ref_tokens), len(tokens)))
-        ref_tok = ref_tokens[i] if i < len(ref_tokens) else None
-        tok = tokens[i] if i < len(tokens) else None
-        piece = token_piece(vocab, tok) if tok is not None else b""
-        raise SmokeError(
-            f"reference and model tokenize the text differently: first difference at token {i} "
-            f"(reference id {ref_tok}, model id {tok} {piece.decode('utf-8', 'replace')!r}; "
-            f"{len(ref_tokens)} vs {len(tokens)} tokens)"
-        )
