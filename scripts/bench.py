@@ -600,7 +600,7 @@ def _sweep_figures(name: str, runs: list[dict], folder: Path, target: float) -> 
     def med(f: Callable[[dict], float]) -> float:
         return float(np.median([f(r) for r in runs]))
 
-    def evaluation(r: dict) -> float:  # source_seconds is timed in its child: its start-up counts as overhead
+    def evaluation(r: dict) -> float:  # the source's and each candidate's child: start, load, decode
         return r["source_seconds"] + sum(c["eval_seconds"] for c in r["candidates"])
 
     failed = [f"{c['label']}: {c['error']}" for r in runs for c in r["candidates"] if c["error"]]
